@@ -1,0 +1,36 @@
+"""Fixtures shared by all tests: real CT data shipped beside the project and in pydicom."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CTH_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+# Two cores on the CI machine: keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir() -> Path:
+    """A real GE HiSpeed Dual head CT (kernel STD+, gantry tilt, two slice spacings)."""
+    path = SHARED / "data" / "real_ct" / "ge_hispeed_dual_head_std_plus"
+    if not path.is_dir():
+        pytest.fail(f"real CT test data missing at {path} (set CTH_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ct_small_path() -> Path:
+    """pydicom's CT_small.dcm: a real GE CT slice, kernel STANDARD, 128 x 128."""
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("CT_small.dcm"))

@@ -1,0 +1,1 @@
+"""Headless training, data preparation, simulation and evaluation for CT kernel harmonization."""
