@@ -1,0 +1,615 @@
+"""Harmonize a CT volume node with the TextureStarGANCore engine (MRML only; no Slicer application needed).
+
+The work is split in three steps so that the GUI can run the slow middle one on a worker thread:
+`prepareHarmonization` (main thread: checks the input, copies its voxels, resolves model and kernels),
+`HarmonizationJob.run` (any thread: only numpy/torch, never MRML, which is not thread-safe) and
+`finishHarmonization` (main thread: creates or fills the output node). `harmonizeVolumeNode` runs all three.
+Nothing is added to the scene before the engine has finished, so a cancelled or failed run leaves no
+half-filled node behind, and the input node's voxels are only ever read.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ensureEnginePath
+
+ensureEnginePath()
+
+from TextureStarGANCore.checkpoint import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file  # noqa: E402
+from TextureStarGANCore.domains import (  # noqa: E402
+    Domain,
+    UnknownDomainError,
+    describe_domains,
+    detect_domain,
+    resolve_domain,
+)
+from TextureStarGANCore.volume_io import InputError  # noqa: E402
+
+__all__ = [
+    "ATTRIBUTE_PREFIX",
+    "HarmonizationInputError",
+    "HarmonizationJob",
+    "HarmonizationOutOfMemoryError",
+    "ProgressTracker",
+    "availableDevices",
+    "dicomTagsOfNode",
+    "finishHarmonization",
+    "getHarmonizer",
+    "harmonizeVolumeNode",
+    "loadModel",
+    "modelCardSummary",
+    "prepareHarmonization",
+]
+
+ATTRIBUTE_PREFIX = "CTHarmonization."
+DICOM_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
+# DICOM tags read through Slicer's DICOM database: (group,element) -> CTVolume.tags key.
+DICOM_TAGS = {
+    "0008,0060": "Modality",
+    "0008,0070": "Manufacturer",
+    "0008,1090": "ManufacturerModelName",
+    "0018,1210": "ConvolutionKernel",
+}
+# The model was trained on axial slices; a slice axis more than 45 degrees off S-I is not axial.
+MAX_SLICE_AXIS_TILT_DEG = 45.0
+
+ProgressCallback = Callable[[int, int], Any]
+
+
+class HarmonizationInputError(ValueError):
+    """The inputs cannot be harmonized; the message names the problem and what to do about it."""
+
+
+class HarmonizationOutOfMemoryError(RuntimeError):
+    """The GPU ran out of memory even after the engine retried with smaller batches."""
+
+
+def _cancelledClass() -> type[BaseException]:
+    from TextureStarGANCore.inference import HarmonizationCancelled as cls
+
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    # `HarmonizationCancelled` lives in the engine's inference module, which imports torch: resolve it
+    # lazily so that importing this module (and showing the GUI) does not need torch yet.
+    if name == "HarmonizationCancelled":
+        return _cancelledClass()
+    raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress shared between the worker thread and the GUI timer
+# --------------------------------------------------------------------------------------------------
+class ProgressTracker:
+    """Thread-safe record of slices done; the engine's progress callback writes, the GUI timer reads."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._start = clock()
+        self._done = 0
+        self._total = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        with self._lock:
+            self._done, self._total = int(done), int(total)
+
+    def snapshot(self) -> tuple[int, int, float, float | None]:
+        """(done, total, seconds elapsed, seconds left or None while unknown)."""
+        with self._lock:
+            done, total = self._done, self._total
+        elapsed = self._clock() - self._start
+        remaining = elapsed / done * (total - done) if done > 0 and total >= done else None
+        return done, total, elapsed, remaining
+
+    def statusText(self) -> str:
+        """'37 / 100 slices, about 1:05 left' for the status line."""
+        done, total, elapsed, remaining = self.snapshot()
+        if total <= 0:
+            return f"Loading the model and preparing slices ({_clock(elapsed)} elapsed)"
+        text = f"{done} / {total} slices"
+        if remaining is not None and done < total:
+            text += f", about {_clock(remaining)} left"
+        return text
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model file and devices
+# --------------------------------------------------------------------------------------------------
+_cacheLock = threading.Lock()
+_modelCache: dict[tuple, ModelFile] = {}
+_harmonizerCache: dict[tuple, Any] = {}
+
+
+def _fileKey(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def loadModel(modelPath: str | Path | None = None) -> ModelFile:
+    """The validated model file (None = the bundled default), cached while the file is unchanged.
+
+    Raises HarmonizationInputError with the engine's explanation for a missing or invalid file.
+    """
+    path = Path(modelPath) if modelPath else DEFAULT_MODEL_PATH
+    try:
+        key = _fileKey(path)
+    except OSError:
+        key = None
+    with _cacheLock:
+        if key is not None and key in _modelCache:
+            return _modelCache[key]
+    try:
+        model = load_model_file(path)
+    except ModelFileError as exc:
+        raise HarmonizationInputError(str(exc)) from None
+    with _cacheLock:
+        _modelCache.clear()  # one model at a time: weights can be hundreds of MB
+        if key is not None:
+            _modelCache[key] = model
+    return model
+
+
+def modelCardSummary(model: ModelFile) -> str:
+    """A few lines about the model for the GUI: kernels, training, intended use."""
+    card = model.card
+    training = card.get("training", {})
+    arch = card.get("architecture", {})
+    lines = [
+        f"File: {model.path.name} (model card format {card.get('format_version')}, created "
+        f"{card.get('created', 'unknown')})",
+        "Kernels: " + ", ".join(f"{d.name} ({d.display_name})" for d in model.domains),
+        f"Network: {arch.get('img_size')} px, widths {arch.get('base_width')}-{arch.get('max_width')}; "
+        f"canvas {model.preprocessing.canvas_size} px at {model.preprocessing.pixel_spacing_mm:g} mm",
+        f"Training: {training.get('iterations', 0)} iterations on {training.get('data', 'unknown data')}"
+        + (", texture loss" if training.get("texture_loss") else ""),
+    ]
+    if not model.trained:
+        lines.append("WARNING: untrained (random) weights, for tests only.")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        shown = ", ".join(f"{k}: {v}" for k, v in list(metrics.items())[:4])
+        lines.append(f"Metrics: {shown}")
+    if card.get("intended_use"):
+        lines.append(f"Intended use: {card['intended_use']}")
+    return "\n".join(lines)
+
+
+def availableDevices() -> list[tuple[str, str]]:
+    """(key, label) pairs for the device choice; the labels name the GPU that was found, if any."""
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return [("auto", f"Auto (GPU: {gpu})"), ("cuda", f"GPU: {gpu}, {memory:.0f} GB"), ("cpu", "CPU")]
+    return [("auto", "Auto (no CUDA GPU found: CPU)"), ("cpu", "CPU")]
+
+
+def getHarmonizer(model: ModelFile, device: str) -> Any:
+    """A Harmonizer for the model on the device, kept for the next run (loading takes seconds)."""
+    from TextureStarGANCore.inference import Harmonizer, resolve_device
+
+    try:
+        dev = str(resolve_device(device))
+    except ValueError as exc:
+        raise HarmonizationInputError(f"{exc}. Choose Auto or CPU as the device.") from None
+    key = (str(model.path), id(model), dev)
+    with _cacheLock:
+        cached = _harmonizerCache.get(key)
+        if cached is None:
+            _harmonizerCache.clear()  # release the previous model's GPU memory
+            cached = Harmonizer(model, device=dev)
+            _harmonizerCache[key] = cached
+    return cached
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+def _nodeLabel(node: Any) -> str:
+    return f"'{node.GetName()}'" if node is not None and node.GetName() else "the selected node"
+
+
+def _checkVolumeNode(node: Any, role: str) -> None:
+    """Refuse nodes that are not a single 3D scalar CT volume, saying what to do instead."""
+    if node is None:
+        raise HarmonizationInputError(f"No {role} is selected. Select a CT volume.")
+    label = _nodeLabel(node)
+    if node.IsA("vtkMRMLSegmentationNode"):
+        raise HarmonizationInputError(
+            f"The {role} {label} is a segmentation, not an image. Select the CT volume itself."
+        )
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise HarmonizationInputError(
+            f"The {role} {label} is a label map (a segmentation stored as a volume), not a CT image. "
+            "Select the CT volume it was made from."
+        )
+    if node.GetAttribute("MultiVolume.NumberOfFrames") or node.IsA("vtkMRMLMultiVolumeNode"):
+        raise HarmonizationInputError(
+            f"The {role} {label} is a 4D multi-volume (time series). Harmonize one 3D time point: "
+            "extract it as a scalar volume first (MultiVolume Explorer or Sequences module)."
+        )
+    if node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLDiffusionTensorVolumeNode"):
+        raise HarmonizationInputError(
+            f"The {role} {label} is a vector/colour volume ({node.GetClassName()}), not a grayscale CT. "
+            "Convert it with the 'Vector to Scalar Volume' module or load the original CT series."
+        )
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise HarmonizationInputError(
+            f"The {role} {label} is a {node.GetClassName()}, not a scalar CT volume. Select a CT volume."
+        )
+    if node.GetScene() is None:
+        raise HarmonizationInputError(f"The {role} {label} is not in the scene any more. Select it again.")
+    image = node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise HarmonizationInputError(
+            f"The {role} {label} has no voxels loaded. Load the CT series (DICOM module or Add Data) again."
+        )
+    components = image.GetNumberOfScalarComponents()
+    if components != 1:
+        raise HarmonizationInputError(
+            f"The {role} {label} has {components} values per voxel (a colour or 4D volume). Harmonization "
+            "needs one CT value per voxel: convert it with 'Vector to Scalar Volume' or load the original "
+            "CT series."
+        )
+    scene = node.GetScene()
+    if scene is not None:
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+            browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+            if browser.IsProxyNodeID(node.GetID()):
+                raise HarmonizationInputError(
+                    f"The {role} {label} is the current time point of a 4D sequence "
+                    f"('{browser.GetName()}'). Harmonize a 3D volume: in the Sequences module save the time "
+                    "point as a new volume (or clone it in the Data module) and select that."
+                )
+    dims = image.GetDimensions()
+    if min(dims) <= 1:
+        raise HarmonizationInputError(
+            f"The {role} {label} is a 2D image ({dims[0]} x {dims[1]} x {dims[2]} voxels). Harmonization "
+            "needs a 3D CT volume: load the whole series (all slices) through the DICOM module."
+        )
+    transform = node.GetParentTransformNode()
+    if transform is not None and not transform.IsTransformToWorldLinear():
+        raise HarmonizationInputError(
+            f"The {role} {label} is under the non-linear (warping) transform '{transform.GetName()}'. "
+            "Harmonization works on the voxels as stored and could not place a warped result. Harden the "
+            "transform first (Data module: right-click the volume > Harden transform) or remove it."
+        )
+    _checkAxial(node, role)
+
+
+def _ijkToRas(node: Any) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _checkAxial(node: Any, role: str) -> None:
+    # Only the local IJK-to-RAS matters: a linear parent transform (e.g. a registration) moves the output
+    # with the input and does not change which voxels form a slice.
+    axis = _ijkToRas(node)[:3, 2]
+    norm = float(np.linalg.norm(axis))
+    if norm == 0:
+        raise HarmonizationInputError(f"The {role} {_nodeLabel(node)} has an invalid (zero) slice spacing.")
+    tilt = math.degrees(math.acos(min(1.0, abs(axis[2]) / norm)))
+    if tilt > MAX_SLICE_AXIS_TILT_DEG:
+        raise HarmonizationInputError(
+            f"The {role} {_nodeLabel(node)} is not stored as axial slices (its slice axis is {tilt:.0f} "
+            "degrees from head-foot). The model was trained on axial CT slices: resample the volume to axial "
+            "(Resample Scalar/Vector/DWI Volume or Crop Volume with an axial ROI) and harmonize that."
+        )
+
+
+def _voxelCopy(node: Any) -> np.ndarray:
+    """The node's voxels as a (slices, rows, columns) numpy copy: the worker never touches VTK memory."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    image = node.GetImageData()
+    i, j, k = image.GetDimensions()
+    return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i), copy=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Source kernel from DICOM
+# --------------------------------------------------------------------------------------------------
+def dicomTagsOfNode(node: Any, dicomDatabase: Any = None) -> dict[str, str]:
+    """Modality, Manufacturer, ManufacturerModelName and ConvolutionKernel of a volume loaded from DICOM.
+
+    Reads the first instance listed in the node's `DICOM.instanceUIDs` attribute through the DICOM database
+    (`fileForInstance`, `fileValue`; Slicer's `slicer.dicomDatabase` by default). Empty when the volume was
+    not loaded from DICOM or its files are no longer in the database.
+    """
+    uids = (node.GetAttribute(DICOM_UIDS_ATTRIBUTE) or "").split()
+    if not uids:
+        return {}
+    if dicomDatabase is None:
+        import slicer
+
+        dicomDatabase = getattr(slicer, "dicomDatabase", None)
+        if dicomDatabase is None:
+            return {}
+    path = dicomDatabase.fileForInstance(uids[0])
+    if not path:
+        return {}
+    tags = {}
+    for tag, key in DICOM_TAGS.items():
+        value = dicomDatabase.fileValue(path, tag)
+        if value:
+            tags[key] = str(value).strip()
+    return tags
+
+
+def _resolveSource(
+    node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any
+) -> tuple[Domain, str]:
+    """The source domain and how it was found ('chosen' or 'DICOM')."""
+    if sourceKernel not in (None, ""):
+        try:
+            return resolve_domain(domains, sourceKernel), "chosen"
+        except UnknownDomainError as exc:
+            raise HarmonizationInputError(f"Source kernel: {exc}") from None
+    tags = dicomTagsOfNode(node, dicomDatabase)
+    if not tags.get("ConvolutionKernel"):
+        raise HarmonizationInputError(
+            f"The input {_nodeLabel(node)} has no DICOM information telling its reconstruction kernel "
+            "(it was not loaded through the DICOM module, or its files left the DICOM database). "
+            "Choose the source kernel yourself from the list."
+        )
+    modality = tags.get("Modality", "")
+    if modality and modality.upper() != "CT":
+        raise HarmonizationInputError(
+            f"The input {_nodeLabel(node)} is {modality}, not CT; only CT images can be harmonized."
+        )
+    domain = detect_domain(
+        domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), tags["ConvolutionKernel"]
+    )
+    if domain is None:
+        scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
+        raise HarmonizationInputError(
+            f"The input's kernel '{tags['ConvolutionKernel']}' ({scanner or 'unknown scanner'}) is not one "
+            f"this model knows ({describe_domains(domains)}). Choose the closest source kernel yourself, or "
+            "use a model trained with this kernel."
+        )
+    return domain, "DICOM"
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class HarmonizationJob:
+    """Everything the worker needs, copied out of MRML on the main thread."""
+
+    model: ModelFile
+    device: str
+    target: Domain
+    source: Domain
+    sourceFoundBy: str
+    inputNodeID: str
+    inputName: str
+    volume: np.ndarray
+    spacing: tuple[float, float, float]
+    ijkToRas: np.ndarray
+    parentTransformID: str | None
+    reference: tuple[np.ndarray, tuple[float, float, float]] | None = None
+    referenceName: str | None = None
+    result: np.ndarray | None = field(default=None, repr=False)
+    runInfo: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, progressCallback: ProgressCallback | None = None,
+            cancelEvent: threading.Event | None = None) -> np.ndarray:
+        """Harmonize the copied voxels (safe on a worker thread). Raises HarmonizationCancelled,
+        HarmonizationInputError (e.g. values that are not CT) or HarmonizationOutOfMemoryError."""
+        import torch
+
+        harmonizer = getHarmonizer(self.model, self.device)
+        try:
+            self.result = harmonizer.harmonize(
+                self.volume, self.spacing, self.target.name, source=self.source.name,
+                reference=self.reference, progress=progressCallback, cancel=cancelEvent,
+            )
+        except InputError as exc:
+            raise HarmonizationInputError(str(exc)) from None
+        except torch.cuda.OutOfMemoryError as exc:
+            raise _outOfMemory(exc) from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise _outOfMemory(exc) from None
+            raise
+        self.runInfo = dict(harmonizer.last_run)
+        return self.result
+
+
+def _outOfMemory(exc: BaseException) -> HarmonizationOutOfMemoryError:
+    detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return HarmonizationOutOfMemoryError(
+        f"The GPU ran out of memory, even after retrying with fewer slices at a time ({detail}). Close other "
+        "programs that use the GPU, or run on the CPU (Device: CPU): slower, but not limited by GPU memory."
+    )
+
+
+def prepareHarmonization(
+    inputNode: Any,
+    targetKernel: str | int,
+    sourceKernel: str | int | None = None,
+    modelPath: str | Path | None = None,
+    device: str = "auto",
+    referenceNode: Any = None,
+    dicomDatabase: Any = None,
+    allowUntrained: bool = False,
+) -> HarmonizationJob:
+    """Check the inputs and copy what the engine needs out of MRML (main thread)."""
+    _checkVolumeNode(inputNode, "input volume")
+    if referenceNode is not None:
+        _checkVolumeNode(referenceNode, "reference volume")
+        if referenceNode.GetID() == inputNode.GetID():
+            raise HarmonizationInputError(
+                "The reference volume is the input itself. The reference must be a scan reconstructed with "
+                "the target kernel; leave it empty to use the model's stored target style."
+            )
+    model = loadModel(modelPath)
+    if not model.trained and not allowUntrained:
+        raise HarmonizationInputError(
+            f"The model file '{model.path}' has untrained (random) weights (training.iterations = 0); it is "
+            "only meant for tests. Choose a trained model file."
+        )
+    try:
+        target = resolve_domain(model.domains, targetKernel)
+    except UnknownDomainError as exc:
+        raise HarmonizationInputError(f"Target kernel: {exc}") from None
+    source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase)
+    if source.id == target.id:
+        raise HarmonizationInputError(
+            f"The input already has the target kernel {target.name} ({foundBy.lower()} source kernel). "
+            "Choose a different target kernel."
+        )
+    reference = None
+    if referenceNode is not None:
+        reference = (_voxelCopy(referenceNode), tuple(float(s) for s in referenceNode.GetSpacing()))
+    return HarmonizationJob(
+        model=model, device=device, target=target, source=source, sourceFoundBy=foundBy,
+        inputNodeID=inputNode.GetID(), inputName=inputNode.GetName() or "CT",
+        volume=_voxelCopy(inputNode), spacing=tuple(float(s) for s in inputNode.GetSpacing()),
+        ijkToRas=_ijkToRas(inputNode), parentTransformID=inputNode.GetTransformNodeID(),
+        reference=reference, referenceName=referenceNode.GetName() if referenceNode is not None else None,
+    )
+
+
+def _checkOutputNode(outputNode: Any, inputNodeID: str) -> None:
+    if outputNode is None:
+        return
+    if outputNode.GetID() == inputNodeID:
+        raise HarmonizationInputError(
+            "The output volume is the input volume. Choose 'Create new volume' so the original stays intact."
+        )
+    if not outputNode.IsA("vtkMRMLScalarVolumeNode") or outputNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise HarmonizationInputError(
+            f"The output {_nodeLabel(outputNode)} is a {outputNode.GetClassName()}; choose a scalar volume "
+            "or 'Create new volume'."
+        )
+
+
+def finishHarmonization(job: HarmonizationJob, scene: Any, outputNode: Any = None) -> Any:
+    """Put the job's result into `outputNode` (or a new scalar volume node) with the input's geometry."""
+    import vtk
+    from vtk.util.numpy_support import get_vtk_array_type, numpy_to_vtk
+
+    if job.result is None:
+        raise RuntimeError("the harmonization job has no result; run it first")
+    _checkOutputNode(outputNode, job.inputNodeID)
+    inputNode = scene.GetNodeByID(job.inputNodeID)
+    result = np.ascontiguousarray(job.result)
+    image = vtk.vtkImageData()
+    image.SetDimensions(result.shape[2], result.shape[1], result.shape[0])
+    scalars = numpy_to_vtk(result.ravel(), deep=True, array_type=get_vtk_array_type(result.dtype))
+    scalars.SetName("ImageScalars")
+    image.GetPointData().SetScalars(scalars)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(job.ijkToRas[r, c]))
+
+    if outputNode is None:
+        name = scene.GenerateUniqueName(f"{job.inputName} harmonized to {job.target.name}")
+        outputNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    wasModifying = outputNode.StartModify()
+    outputNode.SetIJKToRASMatrix(matrix)
+    outputNode.SetAndObserveImageData(image)
+    outputNode.SetAndObserveTransformNodeID(job.parentTransformID)
+    card = job.model.card
+    attributes = {
+        "ModelFile": str(job.model.path),
+        "ModelCardVersion": str(card.get("format_version")),
+        "ModelCreated": str(card.get("created", "")),
+        "ModelTrainingIterations": str(card.get("training", {}).get("iterations", "")),
+        "SourceKernel": job.source.name,
+        "SourceKernelFrom": job.sourceFoundBy,
+        "TargetKernel": job.target.name,
+        "Style": "reference" if job.reference is not None else "domain",
+        "ReferenceVolume": job.referenceName or "",
+        "InputVolume": job.inputName,
+        "Device": str(job.runInfo.get("device", job.device)),
+    }
+    for key, value in attributes.items():
+        outputNode.SetAttribute(ATTRIBUTE_PREFIX + key, value)
+    outputNode.EndModify(wasModifying)
+    _matchDisplay(inputNode, outputNode)
+    _placeBesideInput(scene, inputNode, outputNode)
+    return outputNode
+
+
+def _matchDisplay(inputNode: Any, outputNode: Any) -> None:
+    """Same window/level and colours as the input, so before and after are compared fairly."""
+    if outputNode.GetDisplayNode() is None:
+        outputNode.CreateDefaultDisplayNodes()
+    source = inputNode.GetDisplayNode() if inputNode is not None else None
+    target = outputNode.GetDisplayNode()
+    if source is None or target is None:
+        return
+    target.SetAutoWindowLevel(False)
+    target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+    if source.GetColorNodeID():
+        target.SetAndObserveColorNodeID(source.GetColorNodeID())
+
+
+def _placeBesideInput(scene: Any, inputNode: Any, outputNode: Any) -> None:
+    # Keep the result in the input's study in the Data module's subject hierarchy.
+    import slicer
+
+    if inputNode is None:
+        return
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if shNode is None:
+        return
+    inputItem = shNode.GetItemByDataNode(inputNode)
+    outputItem = shNode.GetItemByDataNode(outputNode)
+    if inputItem and outputItem:
+        shNode.SetItemParent(outputItem, shNode.GetItemParent(inputItem))
+
+
+def harmonizeVolumeNode(
+    inputNode: Any,
+    targetKernel: str | int,
+    sourceKernel: str | int | None = None,
+    modelPath: str | Path | None = None,
+    device: str = "auto",
+    outputNode: Any = None,
+    progressCallback: ProgressCallback | None = None,
+    cancelEvent: threading.Event | None = None,
+    *,
+    referenceNode: Any = None,
+    dicomDatabase: Any = None,
+    allowUntrained: bool = False,
+) -> Any:
+    """Harmonize `inputNode` to `targetKernel` and return the output scalar volume node.
+
+    The output has the input's IJK-to-RAS matrix, parent transform, window/level, a name naming the target
+    kernel and `CTHarmonization.*` attributes recording the model file, model card version, source and
+    target. `sourceKernel=None` reads the kernel from the DICOM database. Raises HarmonizationInputError
+    (bad input, nothing changed), HarmonizationCancelled (nothing added) or HarmonizationOutOfMemoryError.
+    """
+    job = prepareHarmonization(
+        inputNode, targetKernel, sourceKernel, modelPath, device,
+        referenceNode=referenceNode, dicomDatabase=dicomDatabase, allowUntrained=allowUntrained,
+    )
+    _checkOutputNode(outputNode, job.inputNodeID)
+    job.run(progressCallback, cancelEvent)
+    return finishHarmonization(job, inputNode.GetScene(), outputNode)

@@ -1,0 +1,166 @@
+"""End-to-end evaluation on a tiny simulated dataset with untrained models (pipeline test only), the
+trainer's quick hook, the training curves, and bad input that must write nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from eval_dataset_factory import make_eval_dataset
+from model_factory import make_model_file
+
+from TextureStarGANCore.config import ModelConfig
+from Training import curves
+from Training.evaluate import EvaluationError, evaluate, main, quick_evaluate
+
+CANVAS = 128  # 4 mm pixels: big enough for lungs and NPS regions, small enough to be quick
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("eval")
+    ds = make_eval_dataset(root / "ds", canvas=CANVAS, patients=1, slices=3, domains=("B30f", "BONE"))
+    cfg = ModelConfig.small(img_size=CANVAS)
+    # Untrained (random) models: the numbers below test the pipeline, not the method.
+    m1 = make_model_file(root / "texture.safetensors", config=cfg, seed=0)
+    m2 = make_model_file(root / "baseline.safetensors", config=cfg, seed=1)
+    return root, ds, m1, m2
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    root, ds, m1, m2 = setup
+    out = root / "out"
+    rc = main(
+        [
+            "--dataset",
+            str(ds),
+            "--model",
+            str(m1),
+            "--compare",
+            str(m2),
+            "--out",
+            str(out),
+            "--inception-weights",
+            "random-for-testing",
+            "--fid-dims",
+            "64",
+            "--workers",
+            "1",
+            "--cache-dir",
+            str(root / "cache"),
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_outputs_in_the_papers_table_shape(full_run):
+    out = full_run
+    for name in (
+        "table_fid.csv",
+        "table_radiomics.csv",
+        "structure.csv",
+        "table_frd.csv",
+        "paired.csv",
+        "report.md",
+        "results.json",
+        "fig_B30f_to_BONE.png",
+        "fig_BONE_to_B30f.png",
+        "nps_B30f_to_BONE.png",
+        "nps_BONE_to_B30f.png",
+    ):
+        assert (out / name).is_file(), name
+    fid_rows = _rows(out / "table_fid.csv")
+    assert fid_rows[0][0] == "kernels" and len(fid_rows[0]) == 4  # before / model / model2
+    assert all("NOT COMPARABLE" in h for h in fid_rows[0][1:])
+    assert [r[0] for r in fid_rows[1:]] == ["B30f<->BONE"]
+    rad = _rows(out / "table_radiomics.csv")
+    assert rad[0][1] == "|R| (of 102)" and len(rad[0]) == 4
+    report = (out / "report.md").read_text()
+    assert "NOT COMPARABLE" in report and "UNTRAINED" in report
+    assert "Table I" in report and "Table II" in report and "fig_B30f_to_BONE.png" in report
+
+
+def test_results_json_numbers_and_provenance(full_run, setup):
+    _, _, m1, m2 = setup
+    res = json.loads((full_run / "results.json").read_text())
+    assert res["slices_per_domain"] == {"B30f": 3, "BONE": 3}
+    assert [m["path"] for m in res["models"]] == [str(m1), str(m2)]
+    assert all(len(m["sha256"]) == 64 and m["trained"] is False for m in res["models"])
+    assert res["fid_settings"]["comparable"] is False and "NOT COMPARABLE" in res["labels"]["fid"]
+    assert any("NOT COMPARABLE" in n for n in res["notes"])
+    assert res["provenance"]["packages"]["pyradiomics-bhklab"] == "3.1.4"
+    pair = res["pairs"]["B30f<->BONE"]
+    assert pair["fid"]["before"] >= 0
+    for lab in (m["label"] for m in res["models"]):
+        assert set(pair["fid"]["models"][lab]["directions"]) == {"B30f->BONE", "BONE->B30f"}
+        rad = pair["radiomics"]["models"][lab]
+        for d in rad["directions"].values():
+            assert d["n_R"] == pair["radiomics"]["n_R"] and set(d["aligned"]) <= set(d["differing"])
+        st = pair["structure"]["models"][lab]["mean"]
+        assert st["slices_with_lungs"] == 6 and 0 <= st["structure_dice"] <= 1
+        pd = pair["paired"]["models"][lab]["mean"]
+        # Kernels of the same phantom slice are close; a random generator is far from the truth.
+        assert pd["psnr_before"] > pd["psnr_after"]
+        assert pair["paired"]["models"][lab]["directions"]["B30f->BONE"]["nps_rois"] > 0
+    summary = res["summary"][res["models"][0]["label"]]
+    assert set(summary) == {"B30f<->BONE", "mean"}
+    assert "fid_NOT_COMPARABLE" in summary["B30f<->BONE"] and "fid" not in summary["B30f<->BONE"]
+
+
+def test_quick_evaluate_and_curves(setup, tmp_path):
+    root, ds, m1, _ = setup
+    run = tmp_path / "run"
+    res = quick_evaluate(
+        m1, ds, run / "eval" / "iter_000100.json", max_slices_per_domain=2, cache_dir=root / "cache"
+    )
+    assert res["metrics"] == ["radiomics", "paired"]
+    data = json.loads((run / "eval" / "iter_000100.json").read_text())
+    lab = data["models"][0]["label"]
+    # A second checkpoint with other values (same format) to draw a curve through.
+    for pair in data["summary"][lab].values():
+        for k in pair:
+            if isinstance(pair[k], float):
+                pair[k] += 1.0
+    (run / "eval" / "iter_000200.json").write_text(json.dumps(data))
+    series = curves.read_run(run)
+    assert [p[0] for p in series["psnr_after"]["B30f<->BONE"]] == [100, 200]
+    assert "average" in series["psnr_after"]
+    assert curves.main([str(run), "--out", str(tmp_path / "curves")]) == 0
+    assert (tmp_path / "curves" / "curve_psnr_after.png").is_file()
+    assert (tmp_path / "curves" / "curves.csv").is_file()
+    assert curves.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "c2")]) == 2
+    assert not (tmp_path / "c2").exists()
+
+
+def test_bad_input_writes_nothing(setup, tmp_path, monkeypatch, capsys):
+    root, ds, m1, _ = setup
+    out = tmp_path / "out"
+    with pytest.raises(EvaluationError, match="manifest.csv"):
+        evaluate(tmp_path / "missing", [m1], out)
+    with pytest.raises(EvaluationError, match="unknown metric"):
+        evaluate(ds, [m1], out, metrics="fid,psnr")
+    real = tmp_path / "real"
+    shutil.copytree(ds, real)
+    (real / "dataset.json").write_text(json.dumps({"simulated": False}))
+    with pytest.raises(EvaluationError, match="simulated"):
+        evaluate(real, [m1], out, metrics="paired")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    rc = main(["--dataset", str(ds), "--model", str(m1), "--out", str(out), "--metrics", "fid"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "pt_inception-2015-12-05-6726825d.pth" in err and str(tmp_path / "torch") in err
+    bad_model = tmp_path / "bad.safetensors"
+    bad_model.write_bytes(b"not a model")
+    assert main(["--dataset", str(ds), "--model", str(bad_model), "--out", str(out)]) == 2
+    assert not out.exists()

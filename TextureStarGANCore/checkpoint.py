@@ -1,0 +1,451 @@
+"""The model file: one `.safetensors` file with the EMA inference weights and a JSON model card.
+
+Layout: tensors `generator.*`, `mapping_network.*`, `style_encoder.*` (the EMA copies, float32) and
+`domain_styles` (num_domains, style_dim); metadata `{"format": "ct-harmonization-model", "model_card": <json>,
+"weights_sha256": <hex>}`. safetensors stores raw tensors only, so loading can never execute code, and pickle
+files are recognised by their first bytes and refused without being read further.
+
+Target styles: harmonization needs one deterministic style per domain. `compute_domain_styles` takes the mean
+of the (EMA) mapping network's styles over `num_latents` latents z ~ N(0, I) drawn with a fixed seed; the card
+records the method, count and seed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .domains import Domain
+from .networks import build_networks
+from .preprocessing import PreprocessSpec
+
+FORMAT_VERSION = 1
+FILE_FORMAT = "ct-harmonization-model"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "default.safetensors"
+
+INFERENCE_NETWORKS = ("generator", "mapping_network", "style_encoder")
+STYLES_KEY = "domain_styles"
+DEFAULT_NUM_LATENTS = 4096
+TARGET_STYLE_METHOD = "mean of EMA mapping-network styles over N latents z~N(0,I) per domain"
+
+CARD_FIELDS = (
+    "format_version", "architecture", "domains", "preprocessing", "target_styles", "training", "metrics",
+    "intended_use", "created",
+)
+
+# First bytes of files that must never be handed to a deserializer that can run code.
+_PICKLE_SIGNATURES = {
+    b"PK\x03\x04": "a zip-based PyTorch checkpoint (torch.save)",
+    b"\x80": "a Python pickle (e.g. a legacy torch.save checkpoint)",
+    b"\x93NUMPY": "a NumPy .npy array file",
+}
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message names the problem and what to do."""
+
+
+@dataclass
+class ModelFile:
+    """A loaded and fully validated model file (weights on CPU)."""
+
+    path: Path
+    config: ModelConfig
+    card: dict[str, Any]
+    domains: list[Domain]
+    preprocessing: PreprocessSpec
+    state_dicts: dict[str, dict[str, Tensor]]
+    domain_styles: Tensor
+
+    @property
+    def trained(self) -> bool:
+        """False for untrained (random) weights: `training.iterations == 0`."""
+        return int(self.card["training"]["iterations"]) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Card
+# --------------------------------------------------------------------------------------------------
+def make_model_card(
+    *,
+    config: ModelConfig,
+    domains: list[Domain] | tuple[Domain, ...],
+    preprocessing: PreprocessSpec,
+    training: Mapping[str, Any],
+    num_latents: int = DEFAULT_NUM_LATENTS,
+    style_seed: int = 0,
+    metrics: Mapping[str, Any] | None = None,
+    intended_use: str = (
+        "Research use: harmonize CT slices between reconstruction kernels for quantitative analysis. "
+        "Not for diagnosis."
+    ),
+    created: str | None = None,
+) -> dict[str, Any]:
+    """A complete model card (see DESIGN.md) ready for `save_model_file`."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "architecture": config.to_dict(),
+        "domains": [d.to_dict() for d in domains],
+        "preprocessing": preprocessing.to_dict(),
+        "target_styles": {"method": TARGET_STYLE_METHOD, "num_latents": num_latents, "seed": style_seed},
+        "training": dict(training),
+        "metrics": dict(metrics or {}),
+        "intended_use": intended_use,
+        "created": created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _card_error(msg: str) -> ModelFileError:
+    return ModelFileError(f"model card: {msg}; re-export the model with Training/export.py")
+
+
+def _require(d: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise _card_error(f"missing field '{where}{key}'")
+    value = d[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _card_error(f"field '{where}{key}' must be {types}, got {value!r}")
+    if not isinstance(value, types):
+        raise _card_error(f"field '{where}{key}' has the wrong type ({type(value).__name__}: {value!r})")
+    return value
+
+
+def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]:
+    """Check every card field; return the architecture, domains and preprocessing it describes."""
+    if not isinstance(card, dict):
+        raise _card_error(f"must be a JSON object, got {type(card).__name__}")
+    missing = [k for k in CARD_FIELDS if k not in card]
+    if missing:
+        raise _card_error(f"missing field(s) {missing}")
+    version = _require(card, "format_version", int, "")
+    if version != FORMAT_VERSION:
+        hint = "update this software" if version > FORMAT_VERSION else "re-export the model"
+        raise ModelFileError(
+            f"model file format version {version} is not supported (this software reads version "
+            f"{FORMAT_VERSION}); {hint}"
+        )
+    try:
+        config = ModelConfig.from_dict(card["architecture"])
+    except (ValueError, TypeError) as exc:
+        raise _card_error(f"bad 'architecture': {exc}") from None
+    raw_domains = _require(card, "domains", list, "")
+    try:
+        domains = [Domain.from_dict(d) for d in raw_domains]
+    except (ValueError, TypeError) as exc:
+        raise _card_error(f"bad 'domains': {exc}") from None
+    if len(domains) != config.num_domains:
+        raise _card_error(
+            f"{len(domains)} domains listed but the architecture has num_domains={config.num_domains}"
+        )
+    if [d.id for d in domains] != list(range(len(domains))):
+        raise _card_error(f"domain ids must be 0..{len(domains) - 1} in order, got {[d.id for d in domains]}")
+    names = [d.name.strip().upper() for d in domains]
+    if len(set(names)) != len(names):
+        raise _card_error(f"domain names must be unique (case-insensitive), got {[d.name for d in domains]}")
+    try:
+        spec = PreprocessSpec.from_dict(_require(card, "preprocessing", dict, ""))
+    except (ValueError, TypeError) as exc:
+        raise _card_error(f"bad 'preprocessing': {exc}") from None
+    if spec.canvas_size % config.canvas_multiple:
+        raise _card_error(
+            f"preprocessing.canvas_size {spec.canvas_size} is not a multiple of {config.canvas_multiple}, "
+            f"which this generator needs"
+        )
+    styles = _require(card, "target_styles", dict, "")
+    method = _require(styles, "method", str, "target_styles.")
+    if not method.strip():
+        raise _card_error("'target_styles.method' must describe how the target styles were computed")
+    training = _require(card, "training", dict, "")
+    _require(training, "data", str, "training.")
+    iterations = _require(training, "iterations", int, "training.")
+    if iterations < 0:
+        raise _card_error(f"'training.iterations' must be >= 0, got {iterations}")
+    _require(training, "texture_loss", bool, "training.")
+    _require(training, "code_version", str, "training.")
+    _require(card, "metrics", dict, "")
+    _require(card, "intended_use", str, "")
+    created = _require(card, "created", str, "")
+    try:
+        _dt.datetime.fromisoformat(created)
+    except ValueError:
+        raise _card_error(f"'created' must be an ISO date, got {created!r}") from None
+    return config, domains, spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model file of this architecture holds (built on 'meta': no memory)."""
+    with torch.device("meta"):
+        nets = build_networks(config)
+    shapes = {
+        f"{net}.{name}": tuple(t.shape)
+        for net in INFERENCE_NETWORKS
+        for name, t in nets[net].state_dict().items()
+    }
+    shapes[STYLES_KEY] = (config.num_domains, config.style_dim)
+    return shapes
+
+
+def _check_tensor_names_shapes(
+    shapes: Mapping[str, tuple[int, ...]], config: ModelConfig, fix: str
+) -> None:
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise ModelFileError(
+            f"weights do not match the architecture {config.to_dict()}: {'; '.join(parts)}; {fix}"
+        )
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            what = "domain styles" if name == STYLES_KEY else f"tensor '{name}'"
+            raise ModelFileError(
+                f"{what} has shape {tuple(shapes[name])} but the architecture needs {shape}; {fix}"
+            )
+
+
+def _weights_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over names, shapes and bytes: catches corruption inside the data that parses fine."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{list(t.shape)}|{t.dtype}\n".encode())
+        h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def weights_from_networks(nets: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """Flatten the inference networks (pass the EMA copies) into `generator.*`-style tensor names."""
+    missing = [n for n in INFERENCE_NETWORKS if n not in nets]
+    if missing:
+        raise ValueError(f"networks missing for the model file: {missing}")
+    return {f"{net}.{k}": v for net in INFERENCE_NETWORKS for k, v in nets[net].state_dict().items()}
+
+
+@torch.no_grad()
+def compute_domain_styles(
+    mapping_network: nn.Module,
+    num_domains: int,
+    *,
+    num_latents: int = DEFAULT_NUM_LATENTS,
+    seed: int = 0,
+    batch: int = 1024,
+) -> Tensor:
+    """Deterministic target style per domain: mean of F(z, y) over `num_latents` seeded z ~ N(0, I).
+
+    Returns (num_domains, style_dim) float32 on CPU. The latents are drawn on CPU with a private generator so
+    the result does not depend on the device or on the global random state.
+    """
+    if num_latents < 1:
+        raise ValueError(f"num_latents must be >= 1, got {num_latents}")
+    param = next(mapping_network.parameters())
+    latent_dim = mapping_network.cfg.latent_dim
+    gen = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(num_latents, latent_dim, generator=gen)
+    was_training = mapping_network.training
+    mapping_network.eval()
+    try:
+        styles = []
+        for k in range(num_domains):
+            acc = torch.zeros(mapping_network.cfg.style_dim, dtype=torch.float64)
+            for start in range(0, num_latents, batch):
+                z = z_all[start : start + batch].to(param.device, param.dtype)
+                y = torch.full((z.shape[0],), k, dtype=torch.long, device=param.device)
+                acc += mapping_network(z, y).double().sum(0).cpu()
+            styles.append((acc / num_latents).float())
+    finally:
+        mapping_network.train(was_training)
+    return torch.stack(styles)
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------------
+def save_model_file(
+    path: str | os.PathLike[str],
+    *,
+    config: ModelConfig,
+    weights: Mapping[str, Tensor],
+    domain_styles: Tensor,
+    card: Mapping[str, Any],
+) -> Path:
+    """Validate and write a model file atomically (temp file in the same folder + os.replace).
+
+    `weights` are the EMA inference weights named `generator.*`, `mapping_network.*`, `style_encoder.*`
+    (see `weights_from_networks`). The card's `format_version` and `architecture` are filled in from
+    `config` when absent and must agree with it when present. Nothing is written if anything is invalid.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelFileError(
+            f"model files end in .safetensors, got '{path.name}'; choose a .safetensors name"
+        )
+    if not path.parent.is_dir():
+        raise ModelFileError(f"output folder '{path.parent}' does not exist; create it first")
+    try:  # deep copy that also proves the card is strict JSON (no NaN, no numpy scalars)
+        card = json.loads(json.dumps(dict(card), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(
+            f"model card is not valid JSON ({exc}); convert values to plain numbers"
+        ) from None
+    card.setdefault("format_version", FORMAT_VERSION)
+    card.setdefault("architecture", config.to_dict())
+    if card["architecture"] != config.to_dict():
+        raise ModelFileError(
+            f"card architecture {card['architecture']} differs from the config {config.to_dict()}; "
+            f"pass matching values"
+        )
+    validate_card(card)
+    fix = "pass the EMA networks of this architecture (weights_from_networks)"
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+    tensors[STYLES_KEY] = domain_styles.detach().to("cpu", torch.float32).contiguous()
+    _check_tensor_names_shapes({k: tuple(v.shape) for k, v in tensors.items()}, config, fix)
+    _check_finite(tensors, "refusing to save")
+    metadata = {
+        "format": FILE_FORMAT,
+        "model_card": json.dumps(card, sort_keys=True),
+        "weights_sha256": _weights_digest(tensors),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared model file must be readable by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_finite(tensors: Mapping[str, Tensor], action: str) -> None:
+    # NumPy on the CPU copies: many small tensors, and torch's per-call threading overhead dominated here.
+    bad = [k for k, t in tensors.items() if not np.isfinite(t.numpy()).all()]
+    if bad:
+        raise ModelFileError(
+            f"{action}: non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[:3]}; the training "
+            f"run diverged, export an earlier checkpoint"
+        )
+
+
+def _sniff(path: Path) -> None:
+    """Refuse what is not a safetensors file by its first bytes, before any parser sees it.
+
+    A safetensors file starts with a little-endian u64 header length and then '{'. Only when that structure
+    is absent are the pickle / zip signatures consulted (the length's first byte may well be 0x80).
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ModelFileError(f"model file '{path}' is empty; copy or export it again")
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if head[8:9] == b"{" and 2 <= header_len <= size - 8:
+        return
+    for sig, what in _PICKLE_SIGNATURES.items():
+        if head.startswith(sig):
+            raise ModelFileError(
+                f"'{path}' is {what}, not a .safetensors model file. It was not loaded: pickle-based files "
+                f"can run code when opened. Export the model with Training/export.py (safetensors)"
+            )
+    if head[8:9] == b"{" or len(head) < 9:
+        raise ModelFileError(
+            f"model file '{path}' is truncated or corrupt ({size} bytes, header incomplete); copy or export "
+            f"it again"
+        )
+    raise ModelFileError(
+        f"'{path}' is not a safetensors file (no safetensors header); it is corrupt or another format"
+    )
+
+
+def load_model_file(path: str | os.PathLike[str] | None = None) -> ModelFile:
+    """Read and validate a model file (None = the bundled default). Raises ModelFileError; never unpickles."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+    if not path.exists():
+        hint = (
+            "the bundled default model has not been trained yet; train one (Training/train.py) and pass "
+            "--model PATH" if path == DEFAULT_MODEL_PATH else "check the path"
+        )
+        raise ModelFileError(f"model file '{path}' not found; {hint}")
+    if not path.is_file():
+        raise ModelFileError(f"model file '{path}' is not a file; pass the .safetensors file itself")
+    _sniff(path)
+    corrupt = f"model file '{path}' is truncated or corrupt; copy or export it again"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FILE_FORMAT:
+                raise ModelFileError(
+                    f"'{path}' is a safetensors file but not a CT harmonization model (metadata 'format' "
+                    f"is {metadata.get('format')!r}, expected {FILE_FORMAT!r}); export it with "
+                    f"Training/export.py"
+                )
+            try:
+                card = json.loads(metadata.get("model_card", ""))
+            except json.JSONDecodeError as exc:
+                raise ModelFileError(f"model card in '{path}' is not valid JSON ({exc}); {corrupt}") from None
+            config, domains, spec = validate_card(card)
+            names = list(f.keys())
+            fix = "the file does not belong to this architecture; re-export it"
+            _check_tensor_names_shapes({n: tuple(f.get_slice(n).get_shape()) for n in names}, config, fix)
+            dtypes = {n: f.get_slice(n).get_dtype() for n in names}
+            wrong = sorted(n for n, dt in dtypes.items() if dt != "F32")
+            if wrong:
+                raise ModelFileError(
+                    f"tensors must be float32, got {dtypes[wrong[0]]} for {wrong[:3]}; re-export the model"
+                )
+            tensors = {n: f.get_tensor(n) for n in names}
+    except SafetensorError as exc:
+        raise ModelFileError(f"{corrupt} ({exc})") from None
+    if metadata.get("weights_sha256") != _weights_digest(tensors):
+        raise ModelFileError(f"{corrupt} (weights checksum mismatch)")
+    _check_finite(tensors, f"model file '{path}' is unusable")
+    state_dicts: dict[str, dict[str, Tensor]] = {net: {} for net in INFERENCE_NETWORKS}
+    for name, t in tensors.items():
+        if name != STYLES_KEY:
+            net, key = name.split(".", 1)
+            state_dicts[net][key] = t
+    return ModelFile(
+        path=path,
+        config=config,
+        card=card,
+        domains=domains,
+        preprocessing=spec,
+        state_dicts=state_dicts,
+        domain_styles=tensors[STYLES_KEY],
+    )
+
+
+def instantiate(model_file: ModelFile, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """The inference networks (generator, mapping_network, style_encoder) with the file's weights, in eval
+    mode with gradients off. Built on 'meta' and given the loaded tensors directly: no random init, no copy.
+    """
+    with torch.device("meta"):
+        nets = build_networks(model_file.config)
+    out: dict[str, nn.Module] = {}
+    for name in INFERENCE_NETWORKS:
+        net = nets[name]
+        net.load_state_dict(model_file.state_dicts[name], strict=True, assign=True)
+        out[name] = net.to(device).eval().requires_grad_(False)
+    return out

@@ -1,0 +1,345 @@
+"""Harmonize a CT volume with a trained model file: ``Harmonizer``.
+
+Pipeline per batch of slices: HU -> model canvas (``preprocessing.to_canvas``, one body centre per volume)
+-> generator G(x, s_target) -> back into the input grid (``preprocessing.from_canvas``). All of it runs on
+the model's device.
+
+Target style: by default the model file's stored style of the target domain (a deterministic mean of
+mapping-network styles, see ``checkpoint``). With ``reference`` (a volume reconstructed with the target
+kernel) the style encoder gives the style instead: the mean of E(x, y_target) over up to
+``REFERENCE_SLICES`` evenly spaced slices, each a centre crop of ``img_size`` pixels of its canvas.
+
+``source`` is informational: StarGAN v2's generator takes only the target style (the source domain is
+implicit in the image), so the source only gets validated against the model's domains and recorded in
+``last_run``. Same input, model and device give identical output (fixed slice order, no randomness,
+deterministic algorithms requested while running).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelFile, instantiate, load_model_file
+from .domains import Domain, detect_domain, resolve_domain
+from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
+from .volume_io import CTVolume, validate_ct_values
+
+__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device", "REFERENCE_SLICES"]
+
+ProgressFn = Callable[[int, int], Any]
+REFERENCE_SLICES = 32  # enough slices for a stable mean style, few enough to stay fast
+
+
+class HarmonizationCancelled(RuntimeError):
+    """Raised when the ``cancel`` event was set; nothing was returned or written."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; a named device must exist (clear error otherwise)."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        text = str(device).strip().lower()
+        if text == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(text)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but no CUDA GPU is available to PyTorch; "
+                             "use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {dev} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) -> Domain | None:
+    """The model domain an input belongs to, from its DICOM tags (Manufacturer, ManufacturerModelName,
+    ConvolutionKernel); None when the tags are missing or match no single domain."""
+    tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
+    return detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"),
+                         tags.get("ConvolutionKernel"))
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Request deterministic kernels while harmonizing on CUDA; restore the caller's settings afterwards.
+
+    Only on CUDA, where cuDNN/cuBLAS may pick non-deterministic algorithms: the CPU kernels used here are
+    deterministic already, and ``use_deterministic_algorithms`` imports the torch compiler stack (seconds).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
+
+
+def _check_spacing(spacing: Sequence[float], what: str = "spacing") -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{what} must be three positive numbers (x, y, z) in mm, got {spacing!r}")
+    return values  # type: ignore[return-value]
+
+
+class Harmonizer:
+    """A loaded model ready to harmonize volumes. Build with ``Harmonizer.from_checkpoint``."""
+
+    def __init__(self, model_file: ModelFile, device: str | torch.device = "auto",
+                 batch_size: int | None = None) -> None:
+        self._file = model_file
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            # cuBLAS needs this before its first use to be deterministic; harmless if already set.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        nets = instantiate(model_file, self.device)
+        self._generator = nets["generator"]
+        self._style_encoder = nets["style_encoder"]
+        if self.device.type == "cuda":
+            self._generator = self._generator.to(memory_format=torch.channels_last)
+        self._styles = model_file.domain_styles.to(self.device, torch.float32)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size or self._default_batch_size()
+        self.last_run: dict[str, Any] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
+                        batch_size: int | None = None) -> Harmonizer:
+        """Load a model file (None = the bundled default model) onto ``device`` ('auto', 'cpu', 'cuda').
+
+        Raises ``checkpoint.ModelFileError`` for a missing or invalid file. Untrained files load (tests
+        use them); check ``.trained`` before harmonizing real data.
+        """
+        return cls(load_model_file(path), device=device, batch_size=batch_size)
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def domains(self) -> list[str]:
+        """Domain names in id order."""
+        return [d.name for d in self._file.domains]
+
+    @property
+    def domain_info(self) -> list[Domain]:
+        return list(self._file.domains)
+
+    @property
+    def model_card(self) -> dict[str, Any]:
+        return copy.deepcopy(self._file.card)
+
+    @property
+    def preprocessing(self) -> PreprocessSpec:
+        return self._file.preprocessing
+
+    @property
+    def trained(self) -> bool:
+        return self._file.trained
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def resolve(self, key: str | int) -> Domain:
+        """A domain by name, kernel or id; ``UnknownDomainError`` lists the model's domains."""
+        return resolve_domain(self._file.domains, key)
+
+    def detect_source(self, volume: CTVolume | dict[str, Any]) -> Domain | None:
+        return detect_source(volume, self._file.domains)
+
+    def _default_batch_size(self) -> int:
+        size = self._file.preprocessing.canvas_size
+        if self.device.type == "cuda":
+            # Start big; an out-of-memory error halves it. 512^2 canvases: 32 slices per batch
+            # (paper-size generator in bf16: a few GB).
+            return int(min(128, max(1, 32 * (512 / size) ** 2)))
+        # CPU: small batches keep the per-batch float32 copies of 512^2 input slices modest.
+        return int(min(16, max(1, 2 * (512 / size) ** 2)))
+
+    # ---------------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def target_style(self, target: str | int) -> torch.Tensor:
+        """The stored (deterministic) style of the target domain, shape (1, style_dim)."""
+        return self._styles[self.resolve(target).id].unsqueeze(0)
+
+    def reference_style(self, reference: Any, target: str | int,
+                        spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """Style of ``reference`` (a volume in the target kernel) from the style encoder, (1, style_dim).
+
+        ``reference``: a CTVolume, an (array, spacing) pair, or an (N, R, C) HU array with ``spacing``.
+        """
+        if isinstance(reference, CTVolume):
+            ref, ref_spacing = reference.hu, reference.spacing
+        elif isinstance(reference, tuple) and len(reference) == 2:
+            ref, ref_spacing = reference
+        else:
+            ref, ref_spacing = reference, spacing
+        if ref_spacing is None:
+            raise ValueError("reference spacing unknown: pass a CTVolume, an (array, spacing) pair, or "
+                             "reference_spacing")
+        ref = np.asarray(ref)
+        validate_ct_values(ref, "the reference volume")
+        sx, sy, _ = _check_spacing(ref_spacing, "reference spacing")
+        domain = self.resolve(target)
+        spec, img = self._file.preprocessing, self._file.config.img_size
+        count = min(REFERENCE_SLICES, ref.shape[0])
+        picks = np.unique(np.linspace(0, ref.shape[0] - 1, count).round().astype(int))
+        center = body_center(ref, (sx, sy))
+        total = torch.zeros(1, self._file.config.style_dim, dtype=torch.float64, device=self.device)
+        step = 8
+        with torch.inference_mode(), _deterministic(self.device):
+            for start in range(0, len(picks), step):
+                idx = picks[start:start + step]
+                x = torch.from_numpy(np.ascontiguousarray(ref[idx], dtype=np.float32)).to(self.device)
+                canvas, _ = to_canvas(x, (sx, sy), spec, center)
+                canvas = _fit_square(canvas, img, fill=-1.0).unsqueeze(1)
+                y = torch.full((canvas.shape[0],), domain.id, dtype=torch.long, device=self.device)
+                with self._autocast():
+                    s = self._style_encoder(canvas, y)
+                total += s.double().sum(0, keepdim=True)
+        return (total / len(picks)).float()
+
+    # ---------------------------------------------------------------------------------------------
+    def harmonize(
+        self,
+        volume: np.ndarray,
+        spacing: Sequence[float],
+        target: str | int,
+        source: str | int | None = None,
+        reference: Any = None,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        *,
+        batch_size: int | None = None,
+        reference_spacing: Sequence[float] | None = None,
+        fine_detail: str = "scaled",
+    ) -> np.ndarray:
+        """Harmonize ``volume`` (slices, rows, cols) in HU to the ``target`` kernel; same shape and dtype.
+
+        ``spacing`` is (x, y, z) mm. ``progress(done, total)`` is called after every batch of slices;
+        setting ``cancel`` stops before the next batch with ``HarmonizationCancelled``.
+        ``fine_detail`` ("scaled", "keep", "drop"): what happens to detail finer than the model's canvas
+        pixels (see ``preprocessing.from_canvas``).
+        """
+        arr = np.asarray(volume)
+        validate_ct_values(arr, "the input volume")
+        sx, sy, _ = _check_spacing(spacing)
+        tgt = self.resolve(target)
+        src = self.resolve(source) if source is not None else None
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if fine_detail not in ("scaled", "keep", "drop"):
+            raise ValueError(f"fine_detail must be 'scaled', 'keep' or 'drop', got {fine_detail!r}")
+        if cancel is not None and cancel.is_set():
+            raise HarmonizationCancelled("harmonization cancelled before it started")
+        t0 = time.perf_counter()
+        if reference is not None:
+            style = self.reference_style(reference, tgt.id, reference_spacing or spacing)
+            mode = "reference"
+        else:
+            style = self.target_style(tgt.id)
+            mode = "domain"
+        out_f = self._run(arr, (sx, sy), style, progress, cancel, batch_size or self.batch_size, fine_detail)
+        out = _cast_like(out_f, arr.dtype)
+        self.last_run = {
+            "target": tgt.name, "source": src.name if src else None, "style": mode,
+            "device": str(self.device), "slices": int(arr.shape[0]),
+            "seconds": round(time.perf_counter() - t0, 3), "model": str(self._file.path),
+            "fine_detail": fine_detail,
+        }
+        return out
+
+    def _run(self, arr: np.ndarray, spacing_xy: tuple[float, float], style: torch.Tensor,
+             progress: ProgressFn | None, cancel: threading.Event | None, batch_size: int,
+             fine_detail: str = "scaled") -> np.ndarray:
+        n = arr.shape[0]
+        spec = self._file.preprocessing
+        center = body_center(arr, spacing_xy)
+        out = np.empty(arr.shape, dtype=np.float32)
+        done, bs = 0, batch_size
+        with torch.inference_mode(), _deterministic(self.device):
+            while done < n:
+                if cancel is not None and cancel.is_set():
+                    raise HarmonizationCancelled(f"harmonization cancelled after {done} of {n} slices")
+                end = min(n, done + bs)
+                try:
+                    out[done:end] = self._batch(arr[done:end], spacing_xy, spec, center, style, fine_detail)
+                except torch.cuda.OutOfMemoryError:
+                    if bs == 1:
+                        raise RuntimeError("CUDA out of memory even with one slice per batch; free GPU "
+                                           "memory or use --device cpu") from None
+                    bs = max(1, bs // 2)
+                    torch.cuda.empty_cache()
+                    continue
+                done = end
+                if progress is not None:
+                    progress(done, n)
+        self.last_batch_size = bs
+        return out
+
+    def _batch(self, slices: np.ndarray, spacing_xy: tuple[float, float], spec: PreprocessSpec,
+               center: tuple[float, float], style: torch.Tensor, fine_detail: str = "scaled") -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        canvas, placement = to_canvas(x, spacing_xy, spec, center)
+        g_in = canvas.unsqueeze(1)
+        if self.device.type == "cuda":
+            g_in = g_in.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            g_out = self._generator(g_in, style.expand(g_in.shape[0], -1))
+        result = from_canvas(g_out[:, 0].float(), placement, x, fine_detail=fine_detail)
+        return result.cpu().numpy()
+
+
+def _fit_square(canvas: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """Centre-crop or pad (N, S, S) canvases to (N, size, size) for the style encoder."""
+    s = canvas.shape[-1]
+    if s == size:
+        return canvas
+    if s > size:
+        a = (s - size) // 2
+        return canvas[:, a:a + size, a:a + size]
+    a = (size - s) // 2
+    out = torch.full((canvas.shape[0], size, size), fill, dtype=canvas.dtype, device=canvas.device)
+    out[:, a:a + s, a:a + s] = canvas
+    return out
+
+
+def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+

@@ -1,0 +1,179 @@
+"""Export a training run to the engine's model file.
+
+    python -m Training.export RUN_DIR --out MODEL.safetensors
+
+
+The file holds the EMA generator / mapping network / style encoder, one deterministic target style per
+domain (mean EMA mapping-network style over `--num-latents` seeded latents), the domains and preprocessing
+the run was trained with, provenance (data, iterations, texture loss on/off, code version, config) and the
+latest validation metrics found in RUN_DIR/eval/. `Harmonizer.from_checkpoint` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from TextureStarGANCore import __version__
+from TextureStarGANCore.checkpoint import (
+    DEFAULT_NUM_LATENTS,
+    compute_domain_styles,
+    make_model_card,
+    save_model_file,
+    weights_from_networks,
+)
+from TextureStarGANCore.config import ModelConfig
+from TextureStarGANCore.domains import Domain
+from TextureStarGANCore.networks import build_networks
+from TextureStarGANCore.preprocessing import PreprocessSpec
+
+from .trainer.checkpointing import CheckpointError, latest_checkpoint, load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIMULATED_USE = (
+    "Demonstration model trained on simulated CT reconstruction kernels (digital phantoms), not on patient "
+    "scans. It shows the method and the software working; it is not validated for real scanners and is "
+    "not for clinical use."
+)
+RESEARCH_USE = (
+    "Research use: harmonize CT slices between reconstruction kernels for quantitative analysis. "
+    "Not for diagnosis."
+)
+
+
+def code_version() -> str:
+    """`git describe` of the source tree when available, else the package version."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=10, check=True,
+        ).stdout.strip()
+        if out:
+            return f"ct-harmonization {__version__} (git {out})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"ct-harmonization {__version__}"
+
+
+def latest_metrics(run_dir: Path, up_to_iteration: int) -> dict[str, Any]:
+    """Contents of the newest RUN_DIR/eval/iter_XXXXXX.json not newer than the exported iteration."""
+    folder = Path(run_dir) / "eval"
+    best: tuple[int, Path] | None = None
+    for p in folder.glob("iter_*.json") if folder.is_dir() else []:
+        try:
+            it = int(p.stem.split("_", 1)[1])
+        except ValueError:
+            continue
+        if it <= up_to_iteration and (best is None or it > best[0]):
+            best = (it, p)
+    if best is None:
+        return {}
+    try:
+        data = json.loads(best[1].read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {"iteration": best[0], "source": best[1].name, "results": data}
+
+
+def export_model(
+    out: Path,
+    *,
+    ema: Mapping[str, nn.Module],
+    model_config: ModelConfig,
+    iteration: int,
+    texture_loss: bool,
+    run_info: Mapping[str, Any],
+    train_config: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    num_latents: int = DEFAULT_NUM_LATENTS,
+    style_seed: int = 0,
+) -> Path:
+    """Write the model file from EMA networks (used by the CLI below and by the trainer's snapshots)."""
+    try:
+        domains = [Domain.from_dict(d) for d in run_info["domains"]]
+        spec = PreprocessSpec.from_dict(run_info["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"run information lacks valid domains/preprocessing ({exc}); "
+                              "the run was not started by Training.train") from None
+    styles = compute_domain_styles(ema["mapping_network"], model_config.num_domains,
+                                   num_latents=num_latents, seed=style_seed)
+    simulated = bool(run_info.get("simulated", False))
+    card = make_model_card(
+        config=model_config,
+        domains=domains,
+        preprocessing=spec,
+        training={
+            "data": str(run_info.get("data", "unknown")),
+            "iterations": int(iteration),
+            "texture_loss": bool(texture_loss),
+            "code_version": code_version(),
+            "config": dict(train_config),
+            "simulated_data": simulated,
+        },
+        num_latents=num_latents,
+        style_seed=style_seed,
+        metrics=metrics,
+        intended_use=SIMULATED_USE if simulated else RESEARCH_USE,
+    )
+    weights = weights_from_networks({k: ema[k] for k in ("generator", "mapping_network", "style_encoder")})
+    return save_model_file(out, config=model_config, weights=weights, domain_styles=styles, card=card)
+
+
+def export_checkpoint(
+    checkpoint: Path, out: Path, *, run_dir: Path | None = None, num_latents: int = DEFAULT_NUM_LATENTS,
+    style_seed: int = 0,
+) -> Path:
+    """Export the EMA weights of one training checkpoint."""
+    state = load_checkpoint(checkpoint)
+    model_config = ModelConfig.from_dict(state["model_config"])
+    nets = build_networks(model_config)
+    ema = {}
+    for k in ("generator", "mapping_network", "style_encoder"):
+        nets[k].load_state_dict(state["ema"][k])
+        ema[k] = nets[k].eval()
+    iteration = int(state["iteration"])
+    run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint).resolve().parents[1]
+    return export_model(
+        out, ema=ema, model_config=model_config, iteration=iteration, texture_loss="texture" in state,
+        run_info=state.get("run_info", {}), train_config=state["config"],
+        metrics=latest_metrics(run_dir, iteration), num_latents=num_latents, style_seed=style_seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m Training.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", type=Path, help="training run folder (holds checkpoints/)")
+    ap.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a specific checkpoint (default: latest)")
+    ap.add_argument("--num-latents", type=int, default=DEFAULT_NUM_LATENTS,
+                    help="latents averaged per domain for the target style (default %(default)s)")
+    ap.add_argument("--style-seed", type=int, default=0, help="seed of those latents (default %(default)s)")
+    args = ap.parse_args(argv)
+    ckpt = args.checkpoint or latest_checkpoint(args.run_dir)
+    if ckpt is None:
+        print(f"error: no checkpoint in {args.run_dir / 'checkpoints'}; train first or pass --checkpoint",
+              file=sys.stderr)
+        return 2
+    if args.num_latents < 1:
+        print("error: --num-latents must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        path = export_checkpoint(ckpt, args.out, run_dir=args.run_dir, num_latents=args.num_latents,
+                                 style_seed=args.style_seed)
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    size_mb = path.stat().st_size / 1e6
+    print(f"exported {ckpt.name} -> {path} ({size_mb:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
