@@ -21,6 +21,13 @@ import vtk  # noqa: E402
 from vtk.util.numpy_support import get_vtk_array_type, numpy_to_vtk, vtk_to_numpy  # noqa: E402
 
 
+def offscreen_rendering_available() -> bool:
+    """VTK can render without a display when Mesa's OSMesa library is installed (Debian: libosmesa6)."""
+    import ctypes.util
+
+    return bool(os.environ.get("DISPLAY")) or ctypes.util.find_library("OSMesa") is not None
+
+
 def new_scene() -> tuple[Any, Any, list[Any]]:
     """(scene, application logic, logics to keep alive) like Slicer sets them up at startup."""
     scene = slicer.vtkMRMLScene()

@@ -118,3 +118,69 @@ def test_requirements_never_touch_packages_slicer_ships():
     assert dependencies.missingRequirements(dependencies.readRequirements()) == []  # satisfied in this venv
     assert dependencies.missingRequirements(["safetensors>=999"]) == ["safetensors>=999"]
     assert any(c.lower().startswith("simpleitk==") for c in dependencies.protectedConstraints())
+
+
+_STUB_USE_SLICER = r"""
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+# Like Slicer's macro: every listed file must exist; absolute paths are placed relative to the build dir.
+function(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS;VERBOSE;WITH_SUBDIR" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(v ${MY_SCRIPTS} ${MY_RESOURCES})
+    if(IS_ABSOLUTE ${v})
+      file(RELATIVE_PATH rel ${CMAKE_CURRENT_BINARY_DIR} ${v})
+      set(a ${v})
+    else()
+      set(rel ${v})
+      set(a ${CMAKE_CURRENT_SOURCE_DIR}/${v})
+    endif()
+    if(NOT EXISTS ${a})
+      message(FATAL_ERROR "slicerMacroBuildScriptedModule given nonexistent file ${v}")
+    endif()
+    message(STATUS "BUNDLE ${rel}")
+  endforeach()
+endfunction()
+function(slicer_add_python_unittest)
+  cmake_parse_arguments(MY "" "SCRIPT" "" ${ARGN})
+  if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${MY_SCRIPT})
+    message(FATAL_ERROR "nonexistent test script ${MY_SCRIPT}")
+  endif()
+  message(STATUS "TEST ${MY_SCRIPT}")
+endfunction()
+"""
+
+
+def test_cmake_configures_against_a_stub_slicer(tmp_path):
+    """The real CMake files configure and install (Slicer's macros replaced by checking stand-ins)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None or shutil.which("cc") is None:
+        pytest.skip("cmake and a C compiler are needed to configure the extension")
+    stub = tmp_path / "slicer"
+    stub.mkdir()
+    (stub / "SlicerConfig.cmake").write_text(
+        "set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)\n"
+        "set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)\n"
+        "set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)\n")
+    (stub / "UseSlicer.cmake").write_text(_STUB_USE_SLICER)
+    (stub / "Empty.cmake").write_text("")
+    build, prefix = tmp_path / "build", tmp_path / "install"
+    command = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={stub}", "-DBUILD_TESTING=ON"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    bundled = set(re.findall(r"BUNDLE (\S+)", done.stdout))
+    engine = {f"TextureStarGANCore/{p.relative_to(ENGINE)}" for p in ENGINE.rglob("*.py")
+              if "__pycache__" not in p.parts}
+    assert engine <= bundled and "CTHarmonizationLib/logic.py" in bundled
+    tests = set(re.findall(r"TEST (\S+)", done.stdout))
+    assert {"CTHarmonization.py", "CTHarmonizationComparisonTest.py"} <= tests
+    installed = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    sample = ENGINE / "samples" / "sim_bone_ct"
+    target = prefix / "lib" / "Slicer" / "qt-scripted-modules" / "TextureStarGANCore"
+    for path in sample.glob("*") if sample.is_dir() else []:
+        assert (target / path.relative_to(ENGINE)).is_file()
+    model = ENGINE / "models" / "default.safetensors"
+    assert (target / "models" / "default.safetensors").is_file() == model.is_file()

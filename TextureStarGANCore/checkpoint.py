@@ -165,6 +165,11 @@ def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]
             f"preprocessing.canvas_size {spec.canvas_size} is not a multiple of {config.canvas_multiple}, "
             f"which this generator needs"
         )
+    if spec.tile_size is not None and spec.tile_size % config.canvas_multiple:
+        raise _card_error(
+            f"preprocessing.tile_size {spec.tile_size} is not a multiple of {config.canvas_multiple}, "
+            f"which this generator needs (use the training crop size, model img_size {config.img_size})"
+        )
     styles = _require(card, "target_styles", dict, "")
     method = _require(styles, "method", str, "target_styles.")
     if not method.strip():

@@ -2,7 +2,9 @@
 
 Pipeline per batch of slices: HU -> model canvas (``preprocessing.to_canvas``, one body centre per volume)
 -> generator G(x, s_target) -> back into the input grid (``preprocessing.from_canvas``). All of it runs on
-the model's device.
+the model's device. When the model card's ``preprocessing.tile_size`` is set (models trained on crops), the
+generator runs on overlapping tiles of that size blended without seams (``run_generator_tiled``), so its
+instance norm sees the statistics of the crops it was trained on.
 
 Target style: by default the model file's stored style of the target domain (a deterministic mean of
 mapping-network styles, see ``checkpoint``). With ``reference`` (a volume reconstructed with the target
@@ -35,9 +37,11 @@ from .domains import Domain, detect_domain, resolve_domain
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
 from .volume_io import CTVolume, validate_ct_values
 
-__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device", "REFERENCE_SLICES"]
+__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device", "REFERENCE_SLICES",
+           "run_generator_tiled", "tile_starts", "tile_window"]
 
 ProgressFn = Callable[[int, int], Any]
+GeneratorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 REFERENCE_SLICES = 32  # enough slices for a stable mean style, few enough to stay fast
 
 
@@ -74,6 +78,80 @@ def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) 
     tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
     return detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"),
                          tags.get("ConvolutionKernel"))
+
+
+def tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels every ``stride`` pixels covering 0..n; the last tile is
+    moved back to end exactly at n (so tiles never leave the canvas and the border is covered)."""
+    if not 0 < tile <= n or stride < 1:
+        raise ValueError(f"need 0 < tile ({tile}) <= size ({n}) and stride ({stride}) >= 1")
+    starts = list(range(0, n - tile + 1, stride))
+    if starts[-1] + tile < n:
+        starts.append(n - tile)
+    return starts
+
+
+def tile_window(tile: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(tile, tile) separable raised-cosine (periodic Hann) blending weights, positive everywhere.
+
+    With stride tile/2 neighbouring windows sum to a constant (sin^2 + cos^2 = 1), so the blend is a smooth
+    cross-fade; sampling at pixel centres keeps every weight > 0, so canvas borders covered by a single
+    tile still normalise (to that tile's output).
+    """
+    i = torch.arange(tile, dtype=torch.float64)
+    w = torch.sin(math.pi * (i + 0.5) / tile) ** 2
+    return torch.outer(w, w).to(device=device, dtype=torch.float32)
+
+
+def run_generator_tiled(
+    generator: GeneratorFn,
+    canvases: torch.Tensor,
+    style: torch.Tensor,
+    tile: int | None,
+    stride: int | None = None,
+    batch: int | None = None,
+) -> torch.Tensor:
+    """G(canvases, style) for (N, 1, S, S) canvases, on the whole canvas or on overlapping tiles.
+
+    ``tile`` None (or >= S) runs the whole canvas in one call. Otherwise tiles of ``tile`` pixels every
+    ``stride`` (default tile/2) cover the canvas; each output tile is weighted by ``tile_window`` and the
+    sum is divided by the summed weights, so overlapping tiles cross-fade without seams and a generator that
+    returns its input gives the canvas back. ``style`` is (1, D) or (N, D). Tiles go through the generator
+    ``batch`` at a time (default: as many tiles as make up N whole canvases, i.e. the same pixel count as
+    the whole-canvas call), in a fixed order: deterministic. The one place for tiling (Harmonizer,
+    evaluation's ``CanvasHarmonizer``, ``Training.trainer.model_check``). Returns float32 (N, 1, S, S).
+    """
+    if canvases.ndim != 4 or canvases.shape[1] != 1 or canvases.shape[2] != canvases.shape[3]:
+        raise ValueError(f"canvases must be (N, 1, S, S), got {tuple(canvases.shape)}")
+    n, size = canvases.shape[0], canvases.shape[-1]
+    if style.ndim != 2 or style.shape[0] not in (1, n):
+        raise ValueError(f"style must be (1, D) or ({n}, D), got {tuple(style.shape)}")
+    style = style.expand(n, -1)
+    if tile is None or tile >= size:
+        return generator(canvases, style).float()
+    stride = stride or max(1, tile // 2)
+    starts = tile_starts(size, tile, stride)
+    boxes = [(r, c) for r in starts for c in starts]
+    per = len(boxes)
+    batch = batch or max(1, n * (size * size) // (tile * tile))
+    # Tile k of canvas i is item i * per + k: canvases stay together, order fixed.
+    tiles = torch.stack([canvases[:, :, r:r + tile, c:c + tile] for r, c in boxes], dim=1)
+    tiles = tiles.reshape(n * per, 1, tile, tile)
+    styles = style.repeat_interleave(per, dim=0)
+    outs = []
+    for a in range(0, n * per, batch):
+        chunk = tiles[a:a + batch]
+        if chunk.is_cuda:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        outs.append(generator(chunk, styles[a:a + batch]).float())
+    out_tiles = torch.cat(outs).reshape(n, per, tile, tile)
+    window = tile_window(tile, canvases.device)
+    acc = torch.zeros(n, size, size, dtype=torch.float32, device=canvases.device)
+    wsum = torch.zeros(size, size, dtype=torch.float32, device=canvases.device)
+    for k, (r, c) in enumerate(boxes):
+        acc[:, r:r + tile, c:c + tile] += out_tiles[:, k] * window
+        wsum[r:r + tile, c:c + tile] += window
+    return (acc / wsum).unsqueeze(1)
 
 
 @contextlib.contextmanager
@@ -318,8 +396,8 @@ class Harmonizer:
         if self.device.type == "cuda":
             g_in = g_in.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            g_out = self._generator(g_in, style.expand(g_in.shape[0], -1))
-        result = from_canvas(g_out[:, 0].float(), placement, x, fine_detail=fine_detail)
+            g_out = run_generator_tiled(self._generator, g_in, style, spec.tile_size)
+        result = from_canvas(g_out[:, 0], placement, x, fine_detail=fine_detail)
         return result.cpu().numpy()
 
 

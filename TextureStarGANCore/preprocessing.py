@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,9 @@ class PreprocessSpec:
     pixel_spacing_mm: float = 1.0
     hu_window: tuple[float, float] = (-1024.0, 2048.0)
     background_hu: float = -1024.0
+    # Inference only: run the generator on overlapping tiles of this size (a model trained on crops must see
+    # crop-sized instance-norm statistics); None = the whole canvas. Not part of the canvas geometry.
+    tile_size: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise JSON lists to tuples so equality and hashing work after a round trip.
@@ -78,11 +81,26 @@ class PreprocessSpec:
         bg = self.background_hu
         if not isinstance(bg, int | float) or not math.isfinite(bg):
             raise ValueError(f"preprocessing.background_hu must be a finite number, got {bg!r}")
+        tile = self.tile_size
+        if tile is not None and (
+            not isinstance(tile, int | np.integer) or isinstance(tile, bool) or not 16 <= tile <= size
+        ):
+            raise ValueError(
+                f"preprocessing.tile_size must be null (whole canvas) or an integer in 16..canvas_size "
+                f"({size}), got {tile!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hu_window"] = list(self.hu_window)
+        if self.tile_size is None:
+            # Omitted when unset: whole-canvas dicts stay exactly as before (older readers, dataset JSON).
+            del d["tile_size"]
         return d
+
+    def canvas_only(self) -> PreprocessSpec:
+        """This spec without the inference-only ``tile_size`` (to compare canvas geometry with a dataset)."""
+        return replace(self, tile_size=None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
@@ -90,10 +108,11 @@ class PreprocessSpec:
         if not isinstance(d, dict):
             raise ValueError(f"preprocessing must be a JSON object, got {type(d).__name__}")
         required = {"canvas_size", "pixel_spacing_mm", "hu_window", "background_hu"}
+        optional = {"tile_size"}  # absent in older files: whole canvas
         missing = sorted(required - d.keys())
         if missing:
             raise ValueError(f"preprocessing is missing field(s): {', '.join(missing)}")
-        unknown = sorted(d.keys() - required)
+        unknown = sorted(d.keys() - required - optional)
         if unknown:
             raise ValueError(f"preprocessing has unknown field(s): {', '.join(unknown)}")
         window = d["hu_window"]
@@ -112,6 +131,7 @@ class PreprocessSpec:
             pixel_spacing_mm=float(spacing),
             hu_window=(float(window[0]), float(window[1])),
             background_hu=float(bg),
+            tile_size=d.get("tile_size"),
         )
 
 

@@ -35,7 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["analyze_domains", "extract_series_features", "eta_squared", "main", "FACTORS"]
+__all__ = [
+    "AnalysisError",
+    "AnalysisCancelled",
+    "analyze_domains",
+    "extract_series_features",
+    "eta_squared",
+    "main",
+    "FACTORS",
+]
 
 FACTORS = ("domain", "kernel", "scanner", "slice_thickness", "pixel_spacing", "kvp", "patient")
 FEATURE_CLASSES = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
@@ -44,6 +52,10 @@ _BODY_HU = -500.0
 
 class AnalysisError(ValueError):
     """Bad input to the analysis; the message says what to do."""
+
+
+class AnalysisCancelled(RuntimeError):
+    """The cancel event was set; no report was written."""
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -287,7 +299,7 @@ def analyze_domains(
         if progress:
             progress(len(results), len(tasks))
         if cancel is not None and cancel.is_set():
-            raise KeyboardInterrupt
+            raise AnalysisCancelled("domain analysis cancelled; no report was written")
 
     if workers == 1:
         for t in tasks:
@@ -502,9 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, AnalysisCancelled):
         bar.close()
-        print("interrupted", file=sys.stderr)
+        print("interrupted; no report was written", file=sys.stderr)
         return 130
     bar.close()
     print((Path(args.out) / "summary.md").read_text())

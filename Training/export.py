@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,10 @@ def export_model(
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"run information lacks valid domains/preprocessing ({exc}); "
                               "the run was not started by Training.train") from None
+    if model_config.img_size < spec.canvas_size:
+        # Trained on img_size crops: the generator's instance norm only knows crop statistics, so inference
+        # runs it on tiles of the training size (TextureStarGANCore.inference.run_generator_tiled).
+        spec = replace(spec, tile_size=model_config.img_size)
     styles = compute_domain_styles(ema["mapping_network"], model_config.num_domains,
                                    num_latents=num_latents, seed=style_seed)
     simulated = bool(run_info.get("simulated", False))

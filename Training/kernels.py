@@ -81,8 +81,9 @@ class KernelSpec:
 
 # Named like the paper's LIDC-IDRI groups (DESIGN.md domains). Noise targets refer to 250 mm of water
 # (a low-dose level, as many LIDC chest scans); in the simulated chests (lungs, ~170 mm water-equivalent
-# paths) they give soft-tissue noise of about 11 (B30f), 17 (STANDARD) and 90 HU (BONE). Sharpness order B30f < STANDARD < BONE;
-# noise order likewise; the three scanners also differ in field of view (pixel spacing) and padding.
+# paths) they give soft-tissue noise of about 11 (B30f), 17 (STANDARD) and 90 HU (BONE). Sharpness order
+# B30f < STANDARD < BONE, noise likewise; the scanners also differ in field of view (pixel spacing)
+# and padding.
 DEFAULT_KERNELS: tuple[KernelSpec, ...] = (
     KernelSpec(
         "B30f",

@@ -168,7 +168,7 @@ def plot_nps(
         ax.plot(f, v, (styles or {}).get(label, "-"), label=label)
     ax.set_xlabel("spatial frequency (cycles/mm)")
     ax.set_ylabel(ylabel or ("NPS / peak" if normalize else "NPS (HU$^2$ mm$^2$)"))
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

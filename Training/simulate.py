@@ -186,8 +186,8 @@ def _write_calibration(
             plot_nps(
                 nps_dir / f"{spec.name}_nps.png",
                 {f"{spec.name} full FBP": (cal.freq, full), f"{spec.name} fast path": (cal.freq, fast)},
-                title=f"{spec.manufacturer} {spec.scanner_model} / {spec.kernel}: NPS, "
-                f"{cal.pixel_mm:.3f} mm pixels, 250 mm water",
+                title=f"{spec.scanner_model} / {spec.kernel}: NPS "
+                f"({cal.pixel_mm:.3f} mm pixels, 250 mm water)",
                 styles={f"{spec.name} full FBP": "-", f"{spec.name} fast path": "--"},
             )
         # The overview normalises each kernel to its full-path peak: shapes and fast/full agreement show

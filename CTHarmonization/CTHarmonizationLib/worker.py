@@ -119,6 +119,11 @@ class SubprocessRun:
         env = dict(os.environ)
         paths = [str(packageParent), *sys.path]  # the engine's location as seen by this process
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        # Same intra-op thread count as this process: CPU float reductions then run in the same order, so
+        # the child's voxels equal the in-process result exactly (a different count can flip a rounding).
+        import torch
+
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         self._log = (self.folder / LOG).open("wb")
         self.process = subprocess.Popen(
             [python or pythonExecutable(), "-m", "CTHarmonizationLib.worker", str(self.folder)],

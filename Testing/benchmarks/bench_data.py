@@ -162,8 +162,8 @@ def _write_markdown(path: Path, r: dict) -> None:
         f"| 1 | {one['seconds']:.1f} | {one['slices'] / one['seconds']:.2f} |",
         f"| 2 | {two['seconds']:.1f} | {two['slices'] / two['seconds']:.2f} |",
         "",
-        f"Speed-up with 2 workers: **{one['seconds'] / two['seconds']:.2f}x** (2 cores shared with other "
-        "jobs; each worker starts its own Python + torch).",
+        f"Speed-up with 2 workers: **{one['seconds'] / two['seconds']:.2f}x** (forked workers; the 2 cores "
+        "were shared with other jobs).",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

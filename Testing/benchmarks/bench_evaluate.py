@@ -90,6 +90,8 @@ def main() -> int:
             f"whole evaluation (all 5 metrics, 1 untrained model, 2 domains x {args.slices} slices, "
             f"{args.canvas}^2, 2 workers): {timing['total_seconds']:.1f} s"
         )
+        stats_s = timing["statistics_seconds"]
+        lines.append(f"  statistics (FID matrix square roots, FRD, Welch): {stats_s:.1f} s")
         for stage, v in timing["stages"].items():
             lines.append(f"  {stage}: {v['seconds_per_slice']:.3f} s/slice ({v['slices']} slices)")
         st = {k: v["seconds_per_slice"] for k, v in timing["stages"].items()}

@@ -3,8 +3,8 @@
 The dataset already holds canvases in [-1, 1] (the model's own preprocessing), so the evaluation skips the
 HU -> canvas -> HU round trip of ``Harmonizer.harmonize`` and feeds the generator with the stored target
 style of each domain, the same deterministic style ``Harmonizer.target_style`` uses. This is a thin adapter
-over ``TextureStarGANCore.checkpoint`` (load_model_file + instantiate); a canvas-level entry point in the
-engine could replace it.
+over ``TextureStarGANCore.checkpoint`` (load_model_file + instantiate); the generator runs through the
+engine's ``run_generator_tiled`` with the card's ``tile_size``, so evaluation and inference agree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from TextureStarGANCore.checkpoint import ModelFile, instantiate, load_model_file
 from TextureStarGANCore.domains import Domain, resolve_domain
+from TextureStarGANCore.inference import run_generator_tiled
 from TextureStarGANCore.preprocessing import PreprocessSpec
 
 
@@ -61,7 +62,8 @@ class CanvasHarmonizer:
 
     def check_compatible(self, spec: PreprocessSpec, domain_names: list[str]) -> None:
         """The dataset must be prepared exactly as the model expects and share its domain names."""
-        if spec != self.spec:
+        # tile_size is how the model runs, not how canvases are made: datasets never carry it.
+        if spec.canvas_only() != self.spec.canvas_only():
             raise ValueError(
                 f"the dataset's preprocessing {spec.to_dict()} differs from the model's "
                 f"{self.spec.to_dict()} ({self.path}); prepare the dataset with the model's preprocessing "
@@ -94,7 +96,7 @@ class CanvasHarmonizer:
                 raise InterruptedError(f"harmonization cancelled after {start} of {n} slices")
             x = torch.from_numpy(np.ascontiguousarray(canvases[start : start + self.batch_size], np.float32))
             x = x.to(self.device)[:, None]
-            y = self.generator(x, style.expand(len(x), -1))
+            y = run_generator_tiled(self.generator, x, style, self.spec.tile_size)
             out[start : start + len(x)] = y[:, 0].clamp(-1.0, 1.0).float().cpu().numpy()
             if progress is not None:
                 progress(min(start + self.batch_size, n), n)

@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from TextureStarGANCore.checkpoint import instantiate, load_model_file
+from TextureStarGANCore.inference import run_generator_tiled
 from TextureStarGANCore.preprocessing import unit_to_hu
 from Training.dataset import CTSliceDataset, paired_slices
 from Training.metrics.paired import PairedDirection, roi_size, uniform_roi_centers
@@ -34,31 +35,13 @@ HP_SIGMA_MM = 1.5  # high-pass: image minus its Gaussian blur at this sigma
 LP_SIGMA_MM = 3.0  # low-pass structure scale
 
 
-def _tiles(n: int, tile: int, stride: int) -> list[int]:
-    starts = list(range(0, max(n - tile, 0) + 1, stride))
-    if starts[-1] + tile < n:
-        starts.append(n - tile)
-    return starts
-
-
 @torch.inference_mode()
 def run_generator(gen: torch.nn.Module, canvas: np.ndarray, style: torch.Tensor,
                   tile: int | None) -> np.ndarray:
-    """G(canvas, style) on the whole canvas, or on overlapping tiles blended with triangular weights."""
+    """G(canvas, style) on the whole canvas, or on overlapping tiles blended without seams (the engine's
+    ``run_generator_tiled``, as inference does)."""
     x = torch.from_numpy(np.ascontiguousarray(canvas, np.float32))[None, None]
-    if tile is None:
-        return gen(x, style[None])[0, 0].numpy()
-    s = canvas.shape[-1]
-    ramp = 1.0 - np.abs(np.linspace(-1, 1, tile, dtype=np.float32)) * 0.98
-    w2 = np.outer(ramp, ramp)
-    acc = np.zeros((s, s), np.float32)
-    wsum = np.zeros((s, s), np.float32)
-    for r in _tiles(s, tile, tile // 2):
-        for c in _tiles(s, tile, tile // 2):
-            out = gen(x[..., r : r + tile, c : c + tile], style[None])[0, 0].numpy()
-            acc[r : r + tile, c : c + tile] += out * w2
-            wsum[r : r + tile, c : c + tile] += w2
-    return acc / wsum
+    return run_generator_tiled(gen, x, style[None], tile)[0, 0].numpy()
 
 
 def hf_noise_sd(hu: np.ndarray, centers: list[tuple[int, int]], size: int, spacing: float) -> float | None:
