@@ -34,3 +34,15 @@ def ct_small_path() -> Path:
     from pydicom.data import get_testdata_file
 
     return Path(get_testdata_file("CT_small.dcm"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-network tests: on a busy 2-core machine a second OpenMP
+    thread mostly waits for the first (measured 10-30x slower), and the result does not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

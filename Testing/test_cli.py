@@ -23,12 +23,7 @@ TINY = ModelConfig.small(img_size=64, base_width=8, max_width=32, style_dim=16, 
 SPEC = PreprocessSpec(canvas_size=64, pixel_spacing_mm=4.0)  # 256 mm field of view
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

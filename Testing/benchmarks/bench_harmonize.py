@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name  # Testing/benchmarks/machine.py (benchmarks run as scripts)
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_inference.md"
@@ -133,14 +134,7 @@ def bench_case(name: str, slices: int, device: str, batch_size: int | None, tmp:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     parts = [f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} torch threads"]
     if torch.cuda.is_available() and device != "cpu":

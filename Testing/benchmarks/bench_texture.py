@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name  # Testing/benchmarks/machine.py (benchmarks run as scripts)
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -130,14 +131,7 @@ def _run_subprocess(case, batch, size, reps, timeout, threads) -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GB RAM, no GPU; load average at start {load}"
