@@ -257,8 +257,10 @@ class Harmonizer:
             # Start big; an out-of-memory error halves it. 512^2 canvases: 32 slices per batch
             # (paper-size generator in bf16: a few GB).
             return int(min(128, max(1, 32 * (512 / size) ** 2)))
-        # CPU: small batches keep the per-batch float32 copies of 512^2 input slices modest.
-        return int(min(16, max(1, 2 * (512 / size) ** 2)))
+        # CPU: one 512^2 slice per batch. Measured on a quiet 2-core Xeon (bench_generator.py, paper-size
+        # generator, 1 thread): 0.58 slices/s at batch 1 vs 0.38 at batch 4 -- larger batches overflow the
+        # caches. Smaller canvases batch up to the same pixel count.
+        return int(min(16, max(1, (512 / size) ** 2)))
 
     # ---------------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -156,7 +156,8 @@ def _machine() -> str:
     load = os.getloadavg()
     return (
         f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}; load average at start "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (above ~2 on 2 cores, other jobs shared the machine)"
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        + ("(other jobs were sharing the machine)" if load[0] > 1.5 else "(quiet machine)")
     )
 
 
