@@ -296,8 +296,8 @@ def test_existing_output_needs_overwrite_and_input_is_protected(ct_small_path, r
     with pytest.raises(InputError, match="needs a DICOM input"):
         nrrd = read_volume(out)
         write_volume(tmp_path / "dicom_from_nrrd", nrrd, nrrd.hu, description="x")
-    with pytest.raises(InputError, match="does not exist"):
-        write_volume(tmp_path / "no" / "such" / "o.nrrd", v, v.hu, description="x")
+    with pytest.raises(InputError, match="is not a folder"):  # missing folders are created, files are not
+        write_volume(out / "such" / "o2.nrrd", v, v.hu, description="x")  # out is a file
     with pytest.raises(InputError, match="unknown output format"):
         write_volume(tmp_path / "o.png", v, v.hu, description="x")
 
@@ -324,3 +324,19 @@ def test_atomic_output_replaces_in_one_step(tmp_path):
         assert target.read_text() == "old"
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+
+
+def test_missing_output_folders_are_created_and_removed_again_on_failure(tmp_path):
+    nested = tmp_path / "out" / "sub" / "a.nrrd"
+    assert volume_io.check_output_path(nested) == "nrrd"  # a missing folder is no reason to refuse
+    assert not (tmp_path / "out").exists()  # checking writes nothing
+    with pytest.raises(RuntimeError), atomic_output(nested) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert list(tmp_path.iterdir()) == []  # the folders it created are gone again
+    with atomic_output(nested) as tmp:
+        tmp.write_text("done")
+    assert nested.read_text() == "done"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        volume_io.check_output_path(tmp_path / "file" / "a.nrrd")

@@ -89,8 +89,9 @@ def _load_model(path: Path | None) -> ModelFile:
 def _check_png_path(png: Path, overwrite: bool, output: Path, input_path: Path) -> None:
     if png.suffix.lower() != ".png":
         raise _UsageError(f"--compare-png {png}: the figure is a PNG; give a name ending in .png.")
-    if not png.parent.is_dir():
-        raise _UsageError(f"--compare-png folder {png.parent} does not exist; create it first.")
+    existing = next((p for p in png.absolute().parents if p.exists()), None)
+    if existing is None or not existing.is_dir():  # missing folders are created when it is written
+        raise _UsageError(f"--compare-png folder {png.parent} cannot be created: {existing} is not a folder.")
     if png.resolve() == output.resolve() or png.resolve() == input_path.resolve():
         raise _UsageError(f"--compare-png {png} must differ from the input and the output.")
     if png.is_dir():

@@ -492,8 +492,9 @@ def _is_within(child: Path, parent: Path) -> bool:
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
                       inputs: Sequence[str | os.PathLike] = ()) -> str:
-    """Refuse an output that exists (unless ``overwrite``), lies in a missing folder, or would touch an
-    input; returns the output kind ('nrrd', 'nifti', 'mha' or 'dicom'). Writes nothing."""
+    """Refuse an output that exists (unless ``overwrite``), cannot be created, or would touch an input
+    (missing parent folders are created when writing); returns the output kind ('nrrd', 'nifti', 'mha'
+    or 'dicom'). Writes nothing."""
     out = Path(path)
     kind = output_kind(out)
     for src in inputs:
@@ -501,8 +502,9 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
         if out.resolve() == src.resolve() or _is_within(src, out) or (src.is_dir() and _is_within(out, src)):
             raise InputError(f"output {out} would overwrite or sit inside the input {src}; choose another "
                              "path (the input is never modified).")
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist; create it first.")
+    existing = next((p for p in out.absolute().parents if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise InputError(f"output folder {out.parent} cannot be created: {existing} is not a folder.")
     if kind == "dicom":
         if out.exists() and not out.is_dir():
             raise InputError(f"output {out} exists and is a file; a DICOM output is a folder.")
@@ -528,6 +530,10 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
     suffix = _suffix(out) if not folder else ""
     stem = out.name[: len(out.name) - len(suffix)] if suffix else out.name
     tmp = out.parent / f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}"
+    # Missing parent folders are created (a user naming out/result.nrrd expects that) and removed again
+    # if the write fails, so a failed run leaves nothing behind.
+    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
     if folder:
         tmp.mkdir()
     try:
@@ -545,6 +551,9 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if still empty
         raise
 
 
