@@ -59,6 +59,7 @@ def test_config_round_trip_and_presets() -> None:
         ({"style_dim": True}, "style_dim"),
         ({"latent_dim": 16.0}, "latent_dim"),
         ({"bogus": 1}, "unknown field"),
+        ({"residual": 1}, "residual must be true or false"),
     ],
 )
 def test_config_rejects_bad_values(change: dict, message: str) -> None:
@@ -212,6 +213,29 @@ def test_gradients_reach_every_parameter() -> None:
     for name, net in nets.items():
         for pname, p in net.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"
+
+
+def test_residual_generator_starts_as_identity_and_learns() -> None:
+    """The global skip: an untrained residual generator returns its input; one step moves it off identity."""
+    cfg = ModelConfig.small(num_domains=2, base_width=8, max_width=32, mapping_hidden=64)
+    res_cfg = ModelConfig.from_dict(cfg.to_dict() | {"residual": True})
+    assert res_cfg.residual and not cfg.residual and ModelConfig.from_dict(res_cfg.to_dict()) == res_cfg
+    torch.manual_seed(2)
+    g = build_networks(res_cfg)["generator"]
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    s = torch.randn(2, cfg.style_dim)
+    assert torch.equal(g(x, s), x)
+    opt = torch.optim.SGD(g.parameters(), lr=0.1)
+    (g(x, s) - x.flip(-1)).abs().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        moved = (g(x, s) - x).abs().max().item()
+    assert moved > 1e-3
+    # The same weights without the skip differ from the residual output by exactly the input.
+    plain = build_networks(cfg)["generator"]
+    plain.load_state_dict(g.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(g(x, s), plain(x, s) + x, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ building blocks

@@ -22,6 +22,9 @@ class ModelConfig:
     `img_size` is the square size the style encoder and discriminator are built for (the generator is fully
     convolutional and accepts any canvas whose sides are multiples of `2 ** n_down`). Channels start at
     `base_width` after the first convolution and double per resolution level up to `max_width`.
+    `residual` adds a global skip to the generator (output = input + learned correction, the correction's
+    last convolution starting at zero, so an untrained generator is the identity). It is off in the paper's
+    setting; short CPU trainings use it so anatomy is kept from the first iteration (MODEL_CARD.md).
     """
 
     img_size: int
@@ -31,9 +34,14 @@ class ModelConfig:
     latent_dim: int = 16
     style_dim: int = 64
     mapping_hidden: int = 512
+    residual: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"model config: residual must be true or false, got {self.residual!r}")
         for f in fields(self):
+            if f.name == "residual":
+                continue
             value = getattr(self, f.name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"model config: {f.name} must be a positive integer, got {value!r}")
@@ -73,7 +81,7 @@ class ModelConfig:
         return [min(self.base_width * 2**i, self.max_width) for i in range(levels + 1)]
 
     # Serialization -------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | bool]:
         return asdict(self)
 
     @classmethod

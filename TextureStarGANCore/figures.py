@@ -223,12 +223,14 @@ def save_comparison_png(
         if is_diff:
             im = ax.imshow(img, cmap=_DIFF_CMAP, vmin=-dlim, vmax=dlim, aspect=aspect,
                            interpolation="nearest")
-            cax = ax.inset_axes((0.2, 0.035, 0.6, 0.03))
+            cax = ax.inset_axes((0.2, 0.04, 0.6, 0.03))
             cb = fig.colorbar(im, cax=cax, orientation="horizontal")
-            cb.set_label("change (HU)", color=_FG, fontsize=7, labelpad=1)
+            cb.set_label("change (HU)", color=_FG, fontsize=7, labelpad=3)
             cb.ax.tick_params(colors=_FG, labelsize=7)
             cb.outline.set_edgecolor(_FG)
+            # Ticks and label above the bar: below it they would fall off the panel's bottom edge.
             cax.xaxis.set_ticks_position("top")
+            cax.xaxis.set_label_position("top")
             label = f"{titles[-1]} - {titles[0]}"
             ax.set_title(f"Difference ({label if len(label) < 32 else 'after - before'})", color=_FG,
                          fontsize=10)

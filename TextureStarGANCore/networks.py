@@ -247,6 +247,12 @@ class Generator(nn.Module):
             nn.InstanceNorm2d(w[0], affine=True), nn.LeakyReLU(_SLOPE), nn.Conv2d(w[0], 1, 1, 1, 0)
         )
         he_init(self)
+        if cfg.residual:
+            # Global skip: the correction branch starts at exactly zero, so training starts from the identity.
+            last = self.to_out[-1]
+            if not last.weight.is_meta:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor, s: Tensor) -> Tensor:
         _check_image(x, "Generator")
@@ -266,7 +272,8 @@ class Generator(nn.Module):
             h = block(h)
         for block in self.decoder:
             h = block(h, s)
-        return self.to_out(h)
+        out = self.to_out(h)
+        return x + out if self.cfg.residual else out
 
 
 class MappingNetwork(nn.Module):

@@ -30,6 +30,7 @@ class ModelSection:
     latent_dim: int = 16
     style_dim: int = 64
     mapping_hidden: int = 512
+    residual: bool = False  # generator global skip (see ModelConfig); off in the paper's setting
 
     def model_config(self, num_domains: int) -> ModelConfig:
         return ModelConfig(num_domains=num_domains, **asdict(self))
