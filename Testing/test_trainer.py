@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import socket
@@ -276,3 +278,25 @@ def test_command_line_trains_refuses_overwrite_and_resumes(prepared, tmp_path, c
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["iteration"] == 2
     assert train.main(args + ["--set", "train.batch_size=three"]) == 2
     assert "train.batch_size must be an integer" in capsys.readouterr().err
+
+
+def test_discriminator_check_reports_windows_and_kernel_separability(prepared, tmp_path, capsys):
+    from Training.trainer import discriminator_check
+
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("model: {img_size: 64, base_width: 8, max_width: 16, residual: true}\n"
+                   "train: {batch_size: 4, threads: 1}\n")
+    out = tmp_path / "d.json"
+    args = ["--config", str(cfg), "--data", str(prepared), "--steps", "4", "--every", "2", "--no-progress"]
+    assert discriminator_check.main(args + ["--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [w["step"] for w in result["windows"]] == [2, 4]
+    for w in result["windows"]:
+        assert all(math.isfinite(w[k]) for k in ("bce_real", "bce_fake", "r1")) and 0 <= w["accuracy"] <= 1
+    sep = result["separability_median_abs_laplacian"]
+    # The emulated BONE kernel is the noisiest, B30f the smoothest: the statistic must rank them so.
+    assert sep["BONE"]["median"] > sep["STANDARD"]["median"] > sep["B30f"]["median"]
+    assert "chance: bce 0.693" in capsys.readouterr().out
+    assert discriminator_check.main(args + ["--set", "train.lr=-1"]) == 2
+    missing = ["--config", str(cfg), "--data", str(tmp_path / "nope"), "--no-progress"]
+    assert discriminator_check.main(missing) == 2

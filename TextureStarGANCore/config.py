@@ -22,9 +22,9 @@ class ModelConfig:
     `img_size` is the square size the style encoder and discriminator are built for (the generator is fully
     convolutional and accepts any canvas whose sides are multiples of `2 ** n_down`). Channels start at
     `base_width` after the first convolution and double per resolution level up to `max_width`.
-    `residual` adds a global skip to the generator (output = input + learned correction, the correction's
-    last convolution starting at zero, so an untrained generator is the identity). It is off in the paper's
-    setting; short CPU trainings use it so anatomy is kept from the first iteration (MODEL_CARD.md).
+    `residual` adds a global skip to the generator (output = input + learned correction, starting small),
+    so the anatomy passes through and the networks only learn the kernel's change. It is off in the paper's
+    setting; short CPU trainings use it (MODEL_CARD.md).
     """
 
     img_size: int

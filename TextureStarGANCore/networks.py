@@ -20,6 +20,9 @@ _SLOPE = 0.2  # LeakyReLU negative slope used throughout StarGAN v2
 NETWORK_NAMES = ("generator", "mapping_network", "style_encoder", "discriminator")
 
 
+RESIDUAL_INIT_GAIN = 0.02  # scale of the residual generator's last conv at init (see Generator)
+
+
 def _act(h: Tensor, *, fresh: bool) -> Tensor:
     """LeakyReLU, in place when `h` is a temporary of ours that autograd does not track.
 
@@ -248,11 +251,14 @@ class Generator(nn.Module):
         )
         he_init(self)
         if cfg.residual:
-            # Global skip: the correction branch starts at exactly zero, so training starts from the identity.
+            # Output x + to_out(h). The correction starts at about the size of kernel noise (SD ~0.02, ~30 HU):
+            # a zero start made the fakes real crops of other kernels, which D could not tell apart in
+            # thousands of steps (MODEL_CARD.md), and the full He init (SD ~0.9, ~1400 HU) buries the anatomy
+            # under noise that Adam's fixed-size steps take thousands of iterations to shrink.
             last = self.to_out[-1]
             if not last.weight.is_meta:
-                nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
+                with torch.no_grad():
+                    last.weight.mul_(RESIDUAL_INIT_GAIN)
 
     def forward(self, x: Tensor, s: Tensor) -> Tensor:
         _check_image(x, "Generator")
