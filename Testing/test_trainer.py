@@ -138,6 +138,17 @@ def test_interrupt_and_resume_continues_from_same_state(tmp_path, images):
     assert second.source.drawn == straight.source.drawn
 
 
+def test_resume_accepts_older_checkpoints_and_refuses_other_architectures(tmp_path, images):
+    """A checkpoint written before `model.residual` existed resumes; a different architecture does not."""
+    trainer = _trainer(tmp_path / "a", images)
+    state = trainer.state_dict()
+    del state["model_config"]["residual"]  # as saved by earlier versions
+    _trainer(tmp_path / "b", images).load_state_dict(state)
+    state["model_config"]["residual"] = True
+    with pytest.raises(ckpt.CheckpointError, match="resume with the config the run was started with"):
+        _trainer(tmp_path / "c", images).load_state_dict(state)
+
+
 def test_texture_on_and_off_share_the_loop(tmp_path, images):
     base = _trainer(tmp_path / "base", images, tiny_config(texture={"enabled": False}))
     terms = base.train_step()

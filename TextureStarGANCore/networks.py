@@ -251,10 +251,10 @@ class Generator(nn.Module):
         )
         he_init(self)
         if cfg.residual:
-            # Output x + to_out(h). The correction starts at about the size of kernel noise (SD ~0.02, ~30 HU):
-            # a zero start made the fakes real crops of other kernels, which D could not tell apart in
-            # thousands of steps (MODEL_CARD.md), and the full He init (SD ~0.9, ~1400 HU) buries the anatomy
-            # under noise that Adam's fixed-size steps take thousands of iterations to shrink.
+            # Output x + to_out(h). The correction starts at about kernel-noise size (SD ~0.02, ~30 HU),
+            # not at the full He init (SD ~0.9, ~1400 HU), which would bury the anatomy. (On the CPU demo
+            # config both this start and a zero start settled on the identity, because D could not yet tell
+            # the kernels apart: MODEL_CARD.md.)
             last = self.to_out[-1]
             if not last.weight.is_meta:
                 with torch.no_grad():

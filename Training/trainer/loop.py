@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from TextureStarGANCore.checkpoint import compute_domain_styles
+from TextureStarGANCore.config import ModelConfig
 from TextureStarGANCore.networks import build_networks
 from TextureStarGANCore.texture import TextureLoss
 
@@ -161,7 +162,11 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("model_config") != self.model_config.to_dict():
+        try:  # through ModelConfig, so fields added later with defaults (e.g. residual) compare equal
+            saved = ModelConfig.from_dict(state.get("model_config"))
+        except ValueError:
+            saved = None
+        if saved != self.model_config:
             raise ckpt.CheckpointError(
                 f"checkpoint architecture {state.get('model_config')} differs from this config's "
                 f"{self.model_config.to_dict()}; resume with the config the run was started with"
