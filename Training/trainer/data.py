@@ -38,7 +38,7 @@ class DatasetSource:
         self.dataset = dataset
         self.batch = batch
         self.crop = crop
-        self._body = float(hu_to_unit(np.float32(-500.0), dataset.spec))
+        self.body_level = float(hu_to_unit(np.float32(-500.0), dataset.spec))  # -500 HU on the [-1, 1] scale
         self.seed = seed
         self.rank = rank
         self.num_domains = len(dataset.domains)
@@ -68,7 +68,7 @@ class DatasetSource:
         c, s = self.crop, img.shape[-1]
         if c >= s:
             return img
-        centres = img[c // 2 : s - c + c // 2 + 1, c // 2 : s - c + c // 2 + 1] > self._body
+        centres = img[c // 2 : s - c + c // 2 + 1, c // 2 : s - c + c // 2 + 1] > self.body_level
         rows, cols = np.nonzero(centres)  # index (r, q) here = top-left corner (r, q) of the crop
         if len(rows):
             k = int(torch.randint(len(rows), (1,), generator=g))

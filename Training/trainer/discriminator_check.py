@@ -22,19 +22,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from TextureStarGANCore.networks import Discriminator
-from TextureStarGANCore.preprocessing import hu_to_unit
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import DataError, DatasetSource, open_dataset
 from .ddp import DistContext
 from .losses import adversarial_loss, r1_penalty
 
-BODY_HU = -500.0  # pixels above this count as body (as for the training crops' centres)
 _LAPLACIAN = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])[None, None]
 
 
@@ -58,10 +55,9 @@ def other_domain(y: torch.Tensor, num_domains: int, g: torch.Generator) -> torch
 def separability(source: DatasetSource, names: list[str], batches: int = 8) -> dict[str, dict[str, float]]:
     """Per kernel: min / median / max of `laplacian_statistic` over the body crops of a few batches."""
     stats: dict[int, list[float]] = {d: [] for d in range(len(names))}
-    body_level = float(hu_to_unit(np.float32(BODY_HU), source.dataset.spec))
     for _ in range(batches):
         b = source.next_batch()
-        values = laplacian_statistic(b["x_src"], body_level).tolist()
+        values = laplacian_statistic(b["x_src"], source.body_level).tolist()
         for v, d in zip(values, b["y_src"].tolist(), strict=True):
             if math.isfinite(v):
                 stats[d].append(v)
