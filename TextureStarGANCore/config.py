@@ -23,8 +23,8 @@ class ModelConfig:
     convolutional and accepts any canvas whose sides are multiples of `2 ** n_down`). Channels start at
     `base_width` after the first convolution and double per resolution level up to `max_width`.
     `residual` adds a global skip to the generator (output = input + learned correction, starting small),
-    so the anatomy passes through and the networks only learn the kernel's change. It is off in the paper's
-    setting; short CPU trainings use it (MODEL_CARD.md).
+    so the anatomy passes through and the networks only learn the kernel's change. Off by default, as in the
+    paper; models/MODEL_CARD.md reports the CPU demo runs made with it.
     """
 
     img_size: int
