@@ -250,6 +250,24 @@ def test_he_init_statistics() -> None:
     assert abs(fc.weight.std().item() - math.sqrt(2.0 / 512)) < 0.05 * math.sqrt(2.0 / 512)
 
 
+def test_discriminator_and_style_encoder_first_filters_ignore_flat_levels(small) -> None:
+    """D and E start with zero-sum first filters, so a flat tissue level gives no response but noise does."""
+    cfg, _ = small
+    torch.manual_seed(1)
+    for net in (Discriminator(cfg), StyleEncoder(cfg)):
+        first = net.shared[0]
+        sums = first.weight.sum(dim=(1, 2, 3))
+        assert torch.allclose(sums, torch.zeros_like(sums), atol=1e-6)
+        assert first.weight.abs().sum() > 0  # still random filters, not zeros
+        flat = torch.full((1, 1, 16, 16), -0.3)
+        inner = first(flat)[..., 1:-1, 1:-1]  # away from the zero padding
+        assert torch.allclose(inner, first.bias.view(1, -1, 1, 1).expand_as(inner), atol=1e-6)
+        noisy = first(flat + 0.02 * torch.randn_like(flat))[..., 1:-1, 1:-1]
+        assert (noisy - inner).abs().mean() > 1e-3
+    # The generator's stem keeps the plain He init: it must pass the anatomy's levels through.
+    assert Generator(cfg).stem.weight.sum(dim=(1, 2, 3)).abs().max() > 1e-3
+
+
 def test_residual_blocks_scale_by_inverse_sqrt2() -> None:
     x = torch.randn(2, 8, 16, 16)
     block = ResBlock(8, 8, normalize=False, downsample=False)

@@ -17,6 +17,7 @@ from Training.trainer import checkpointing as ckpt
 from Training.trainer.config import ConfigError, config_from_dict, load_config
 from Training.trainer.ddp import DistContext, seed_everything
 from Training.trainer.loop import NonFiniteLossError, Trainer
+from Training.trainer.losses import texture_weight
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"), None)
 CONFIGS = Path(__file__).resolve().parents[1] / "Training" / "configs"
@@ -63,6 +64,7 @@ def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
         ({"model": {"img_size": 100}}, "img_size must be a power of 2"),
         ({"texture": {"params": {"levelz": 8}}}, "texture.params"),
         ({"log": {"eval_metrics": ["psnr"]}}, "unknown metric"),
+        ({"texture": {"warmup_iters": -5}}, "texture.warmup_iters must be >= 0"),
     ],
 )
 def test_config_rejects_bad_values_with_clear_message(raw, fragment):
@@ -162,6 +164,20 @@ def test_texture_on_and_off_share_the_loop(tmp_path, images):
     moved = [not torch.equal(a, p) for a, p in zip(agg_before, after, strict=True)]
     assert any(moved)
     assert "texture/gamma" in tex._extra_scalars()
+
+
+def test_texture_weight_warms_up_linearly(tmp_path, images):
+    assert texture_weight(0, 1e-5, 0) == 1e-5
+    assert texture_weight(0, 1e-5, 100) == 0.0
+    assert texture_weight(25, 1e-5, 100) == pytest.approx(2.5e-6)
+    assert texture_weight(100, 1e-5, 100) == texture_weight(5000, 1e-5, 100) == 1e-5
+    # In the loop: the weight in use is logged and follows the ramp with the iteration count.
+    tex = _trainer(tmp_path / "tex", images, tiny_config(texture={"weight": 2.0, "warmup_iters": 4}))
+    weights = []
+    for _ in range(6):
+        weights.append(tex.train_step()["texture/weight"])
+        tex.iteration += 1
+    assert weights == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
 
 
 def test_sigterm_saves_checkpoint_and_stops(tmp_path, images):

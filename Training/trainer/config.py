@@ -79,6 +79,11 @@ class TextureSection:
 
     enabled: bool = True
     weight: float = 1.0
+    # The weight ramps linearly from 0 to `weight` over the first `warmup_iters` iterations (0: full from the
+    # start). Why: L_txt(x_real, x_rec) is zero at the identity and its |T - T~| has a constant-size gradient
+    # there, so at full weight from iteration 0 it can hold a generator that starts near the identity (the
+    # residual one) at the identity before the adversarial term has taught it anything (MODEL_CARD.md).
+    warmup_iters: int = 0
     lr: float = 1e-4  # Adam learning rate of the attention-aggregation parameters
     params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of TextureLoss(...)
 
@@ -127,7 +132,8 @@ _POSITIVE_INTS = {
 _NONNEG = {
     ("train", "mapping_lr"), ("train", "weight_decay"), ("train", "threads"), ("data", "num_workers"),
     ("loss", "lambda_adv"), ("loss", "lambda_reg"), ("loss", "lambda_sty"), ("loss", "lambda_ds"),
-    ("loss", "lambda_cyc"), ("texture", "weight"), ("log", "eval_every"), ("train", "seed"),
+    ("loss", "lambda_cyc"), ("texture", "weight"), ("texture", "warmup_iters"), ("log", "eval_every"),
+    ("train", "seed"),
 }
 _POSITIVE = {("train", "lr"), ("texture", "lr")}
 _UNIT_INTERVAL = {("train", "beta1"), ("train", "beta2"), ("train", "ema_beta")}

@@ -31,7 +31,7 @@ from TextureStarGANCore.texture import TextureLoss
 from . import checkpointing as ckpt
 from .config import TrainConfig
 from .ddp import DistContext, allreduce_grads_, allreduce_mean, any_rank, no_sync, wrap
-from .losses import Nets, discriminator_loss, diversity_weight, generator_loss
+from .losses import Nets, discriminator_loss, diversity_weight, generator_loss, texture_weight
 from .monitor import Monitor, image_grid
 
 INFERENCE_NETS = ("generator", "mapping_network", "style_encoder")
@@ -253,6 +253,7 @@ class Trainer:
             o["discriminator"].step()
             terms.update({f"D_{tag}/{k}": v for k, v in t.items()})
         lam_ds = diversity_weight(self.iteration, cfg.loss.lambda_ds, cfg.loss.ds_iter)
+        n.texture_weight = texture_weight(self.iteration, cfg.texture.weight, cfg.texture.warmup_iters)
         # Generator, latent-guided: updates G, F and E. D's gradients here are thrown away (no all-reduce).
         with no_sync(n.discriminator):
             out = generator_loss(n, x, y, y_trg, cfg.loss, lam_ds, z_trgs=(b["z1"], b["z2"]),
@@ -277,6 +278,8 @@ class Trainer:
             self._texture_step()
         self._update_ema()
         terms["lambda_ds"] = lam_ds
+        if self.texture is not None:
+            terms["texture/weight"] = n.texture_weight
         return terms
 
     @torch.no_grad()

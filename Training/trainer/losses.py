@@ -40,6 +40,13 @@ def r1_penalty(d_real: Tensor, x_real: Tensor) -> Tensor:
     return 0.5 * grad.float().pow(2).flatten(1).sum(1).mean()
 
 
+def texture_weight(iteration: int, weight: float, warmup_iters: int) -> float:
+    """Texture-loss weight at `iteration`: a linear ramp from 0 to `weight` over `warmup_iters` (0 = none)."""
+    if warmup_iters <= 0:
+        return weight
+    return weight * min(1.0, iteration / warmup_iters)
+
+
 def diversity_weight(iteration: int, lam: float, ds_iter: int) -> float:
     """lambda_ds decays linearly to 0 over ds_iter iterations (then stays 0)."""
     return max(0.0, lam * (1.0 - iteration / ds_iter))
