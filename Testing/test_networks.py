@@ -60,6 +60,7 @@ def test_config_round_trip_and_presets() -> None:
         ({"latent_dim": 16.0}, "latent_dim"),
         ({"bogus": 1}, "unknown field"),
         ({"residual": 1}, "residual must be true or false"),
+        ({"full_res_skip": "yes"}, "full_res_skip must be true or false"),
     ],
 )
 def test_config_rejects_bad_values(change: dict, message: str) -> None:
@@ -236,6 +237,30 @@ def test_residual_generator_adds_its_correction_to_the_input() -> None:
         last.weight.zero_()
         last.bias.zero_()
         assert torch.equal(g(x, s), x)  # a zero correction is the identity
+
+
+def test_full_res_skip_feeds_the_stem_to_the_output_layer() -> None:
+    """With full_res_skip the output layer sees decoder features + stem features (same weights otherwise)."""
+    cfg = ModelConfig.small(num_domains=2, base_width=8, max_width=32, mapping_hidden=64)
+    skip_cfg = ModelConfig.from_dict(cfg.to_dict() | {"full_res_skip": True})
+    assert ModelConfig.from_dict(skip_cfg.to_dict()) == skip_cfg
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "full_res_skip"}) == cfg
+    torch.manual_seed(4)
+    g = Generator(skip_cfg).eval()
+    plain = Generator(cfg).eval()
+    plain.load_state_dict(g.state_dict())  # same parameters: the skip adds none
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    s = torch.randn(2, cfg.style_dim)
+    with torch.no_grad():
+        h = g.stem(x)
+        feats = h
+        for block in g.encoder:
+            feats = block(feats)
+        for block in g.decoder:
+            feats = block(feats, s)
+        assert torch.allclose(g(x, s), g.to_out(feats + h), atol=1e-5)
+        assert torch.allclose(plain(x, s), g.to_out(feats), atol=1e-5)
+        assert not torch.allclose(g(x, s), plain(x, s), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ building blocks

@@ -23,8 +23,10 @@ class ModelConfig:
     convolutional and accepts any canvas whose sides are multiples of `2 ** n_down`). Channels start at
     `base_width` after the first convolution and double per resolution level up to `max_width`.
     `residual` adds a global skip to the generator (output = input + learned correction, starting small),
-    so the anatomy passes through and the networks only learn the kernel's change. Off by default, as in the
-    paper; models/MODEL_CARD.md reports the CPU demo runs made with it.
+    so the anatomy passes through and the networks only learn the kernel's change. `full_res_skip` adds the
+    stem's full-resolution features to the decoder's output before the output layer, so the correction can
+    use pixel-level detail (noise) that the downsampled bottleneck has lost. Both are off by default, as in
+    the paper; models/MODEL_CARD.md reports the CPU demo runs made with them.
     """
 
     img_size: int
@@ -35,14 +37,15 @@ class ModelConfig:
     style_dim: int = 64
     mapping_hidden: int = 512
     residual: bool = False
+    full_res_skip: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.residual, bool):
-            raise ValueError(f"model config: residual must be true or false, got {self.residual!r}")
         for f in fields(self):
-            if f.name == "residual":
-                continue
             value = getattr(self, f.name)
+            if f.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"model config: {f.name} must be true or false, got {value!r}")
+                continue
             if not _is_int(value) or value < 1:
                 raise ValueError(f"model config: {f.name} must be a positive integer, got {value!r}")
         if self.img_size not in {2**k for k in range(6, 10)}:

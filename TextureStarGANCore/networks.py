@@ -273,11 +273,16 @@ class Generator(nn.Module):
                 f"Generator: expected style of shape ({x.shape[0]}, {self.cfg.style_dim}), "
                 f"got {tuple(s.shape)}"
             )
-        h = self.stem(x)
+        stem = self.stem(x)
+        h = stem
         for block in self.encoder:
             h = block(h)
         for block in self.decoder:
             h = block(h, s)
+        if self.cfg.full_res_skip:
+            # Full-resolution skip: the output layer sees pixel-level detail (noise) next to the decoder's
+            # style-dependent features; without it a denoising correction must be rebuilt from 1/4 resolution.
+            h = h + stem
         out = self.to_out(h)
         return x + out if self.cfg.residual else out
 

@@ -31,6 +31,7 @@ class ModelSection:
     style_dim: int = 64
     mapping_hidden: int = 512
     residual: bool = False  # generator global skip (see ModelConfig); off in the paper's setting
+    full_res_skip: bool = False  # stem features added before the generator's output layer (see ModelConfig)
 
     def model_config(self, num_domains: int) -> ModelConfig:
         return ModelConfig(num_domains=num_domains, **asdict(self))
