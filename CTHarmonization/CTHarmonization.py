@@ -218,7 +218,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from CTHarmonizationLib import logic
 
-        from TextureStarGANCore.checkpoint import DEFAULT_MODEL_PATH
+        from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH
 
         if not path and not DEFAULT_MODEL_PATH.exists():
             self.ui.modelCardLabel.text = ("This build has no bundled default model: choose a .safetensors "

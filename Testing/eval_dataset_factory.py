@@ -1,6 +1,6 @@
 """A tiny prepared dataset (DESIGN.md layout) for evaluation tests: phantom slices, three emulated kernels.
 
-Anatomy comes from the simulator's ``Training.phantom``; the kernels are a cheap image-domain emulation
+Anatomy comes from the simulator's ``Training.simulator.phantom``; kernels are a cheap image-domain emulation
 (Gaussian blur for sharpness + Gaussian-filtered noise for the noise texture) so that the test stays fast.
 Every patient/slice exists in every kernel, as in the simulator, so paired ground truth is available.
 """
@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS
 from TextureStarGANCore.preprocessing import PreprocessSpec, hu_to_unit
-from Training.phantom import ChestPhantom, random_params
+from Training.simulator.phantom import ChestPhantom, random_params
 
 # (blur sigma mm, noise SD HU, noise correlation sigma mm) per default domain: smooth, sharp, medium.
 KERNELS = {"B30f": (1.2, 12.0, 1.5), "BONE": (0.0, 60.0, 0.3), "STANDARD": (0.6, 25.0, 0.8)}

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from TextureStarGANCore.checkpoint import (
+from TextureStarGANCore.config import ModelConfig
+from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS, Domain
+from TextureStarGANCore.model_file import (
     compute_domain_styles,
     make_model_card,
     save_model_file,
     weights_from_networks,
 )
-from TextureStarGANCore.config import ModelConfig
-from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS, Domain
 from TextureStarGANCore.networks import build_networks
 from TextureStarGANCore.preprocessing import PreprocessSpec
 

@@ -28,7 +28,7 @@ def make_sim_tree(
     seed: int = SIM_SEED,
     plots: bool = False,
 ) -> Path:
-    from Training.simulate import simulate
+    from Training.simulator.simulate import simulate
 
     simulate(path, patients, slices, size=SIM_SIZE, seed=seed, plots=plots)
     return path
@@ -46,7 +46,7 @@ def shared_sim_tree() -> Path:
 def shared_dataset() -> Path:
     """``shared_sim_tree()`` prepared with TINY_SPEC (seed 7); read-only."""
     if "dataset" not in _SHARED:
-        from Training.prepare import prepare
+        from Training.data.prepare import prepare
 
         out = shared_sim_tree().parent / "dataset"
         prepare(shared_sim_tree(), out, spec=TINY_SPEC, seed=7)

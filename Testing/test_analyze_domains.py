@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from simdata import SIM_PATIENTS, shared_dataset
 
-from Training.analyze_domains import AnalysisError, analyze_domains, eta_squared
+from Training.data.analyze_domains import AnalysisError, analyze_domains, eta_squared
 
 
 def test_eta_squared():

@@ -14,8 +14,8 @@ from simdata import SIM_PATIENTS, SIM_SLICES, TINY_SPEC, shared_dataset
 
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS
 from TextureStarGANCore.preprocessing import PreprocessSpec
-from Training.dataset import BalancedDomainSampler, CTSliceDataset, DatasetError, paired_slices
-from Training.prepare import MANIFEST_COLUMNS
+from Training.data.dataset import BalancedDomainSampler, CTSliceDataset, DatasetError, paired_slices
+from Training.data.prepare import MANIFEST_COLUMNS
 
 
 def _write_dataset(root: Path, counts: dict[int, int], size: int = 32) -> Path:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from TextureStarGANCore.checkpoint import DEFAULT_MODEL_PATH, load_model_file
 from TextureStarGANCore.inference import Harmonizer
+from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH, load_model_file
 from TextureStarGANCore.volume_io import read_volume
 
 SAMPLE = Path(__file__).resolve().parents[1] / "TextureStarGANCore" / "samples" / "sim_bone_ct"

@@ -14,7 +14,9 @@ from model_factory import make_model_file
 
 from TextureStarGANCore.config import ModelConfig
 from Training import curves
-from Training.evaluate import EvaluationError, evaluate, main, quick_evaluate
+from Training.evaluation.curves import read_run
+from Training.evaluate import main
+from Training.evaluation.evaluate import EvaluationError, evaluate, quick_evaluate
 
 CANVAS = 128  # 4 mm pixels: big enough for lungs and NPS regions, small enough to be quick
 
@@ -133,7 +135,7 @@ def test_quick_evaluate_and_curves(setup, tmp_path):
             if isinstance(pair[k], float):
                 pair[k] += 1.0
     (run / "eval" / "iter_000200.json").write_text(json.dumps(data))
-    series = curves.read_run(run)
+    series = read_run(run)
     assert [p[0] for p in series["psnr_after"]["B30f<->BONE"]] == [100, 200]
     assert "average" in series["psnr_after"]
     assert curves.main([str(run), "--out", str(tmp_path / "curves")]) == 0

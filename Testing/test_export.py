@@ -9,8 +9,8 @@ import pytest
 import torch
 from trainer_support import SyntheticSource, make_domain_images, tiny_config
 
-from TextureStarGANCore.checkpoint import compute_domain_styles, load_model_file
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS
+from TextureStarGANCore.model_file import compute_domain_styles, load_model_file
 from TextureStarGANCore.preprocessing import PreprocessSpec
 from Training import export
 from Training.trainer.ddp import DistContext, seed_everything
@@ -51,7 +51,7 @@ def test_export_writes_a_valid_model_file_with_provenance(run_dir, tmp_path, cap
     assert mf.preprocessing.canvas_size == 64
     assert (mf.card["target_styles"]["num_latents"], mf.card["target_styles"]["seed"]) == (64, 0)
     # Deterministic styles: the documented mean over seeded latents of the exported EMA mapping network.
-    from TextureStarGANCore.checkpoint import instantiate
+    from TextureStarGANCore.model_file import instantiate
 
     nets = instantiate(mf)
     expected = compute_domain_styles(nets["mapping_network"], 3, num_latents=64, seed=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from Training.metrics import fid
+from Training.evaluation.metrics import fid
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from Training.metrics.frd import frechet_radiomic_distance
-from Training.metrics.paired import PairedDirection, psnr_ssim, uniform_roi_centers
+from Training.evaluation.metrics.frd import frechet_radiomic_distance
+from Training.evaluation.metrics.paired import PairedDirection, psnr_ssim, uniform_roi_centers
 
 
 def test_frd_smaller_for_closer_sets():

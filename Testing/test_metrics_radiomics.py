@@ -9,8 +9,8 @@ import pydicom
 import pytest
 
 from TextureStarGANCore.preprocessing import PreprocessSpec, hu_to_unit
-from Training.metrics import radiomics_features as rf
-from Training.metrics.structure import body_mask
+from Training.evaluation.metrics import radiomics_features as rf
+from Training.evaluation.metrics.structure import body_mask
 
 EXPECTED = {"firstorder": 18, "glcm": 24, "gldm": 14, "glrlm": 16, "glszm": 16, "ngtdm": 5, "shape2D": 9}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from Training.metrics.structure import body_mask, lung_mask, mean_scores, structure_scores
-from Training.phantom import ChestPhantom, random_params
+from Training.evaluation.metrics.structure import body_mask, lung_mask, mean_scores, structure_scores
+from Training.simulator.phantom import ChestPhantom, random_params
 
 
 @pytest.fixture(scope="module")

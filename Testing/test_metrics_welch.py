@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from Training.metrics.radiomics_alignment import differing_features, direction_alignment, mean_percent
-from Training.metrics.welch import significantly_different, welch_pvalues
+from Training.evaluation.metrics.radiomics_alignment import (
+    differing_features,
+    direction_alignment,
+    mean_percent,
+)
+from Training.evaluation.metrics.welch import significantly_different, welch_pvalues
 
 
 def test_welch_decisions_on_known_distributions():

@@ -16,8 +16,9 @@ from simdata import SIM_PATIENTS, SIM_SLICES, TINY_SPEC, shared_sim_tree
 
 from TextureStarGANCore.preprocessing import PreprocessSpec
 from TextureStarGANCore.volume_io import InputError
-from Training.dicom_scan import group_domains, scan_tree
-from Training.prepare import MANIFEST_COLUMNS, main, prepare
+from Training.data.dicom_scan import group_domains, scan_tree
+from Training.data.prepare import MANIFEST_COLUMNS, prepare
+from Training.prepare import main
 
 PATIENTS, SLICES = SIM_PATIENTS, SIM_SLICES
 
@@ -105,7 +106,7 @@ def test_manifest_counts_split_and_no_leakage(dataset):
 
 
 def test_split_is_seeded_and_stratified(tree, tmp_path):
-    from Training.prepare import split_patients
+    from Training.data.prepare import split_patients
 
     groups = group_domains(scan_tree(tree))
     a = split_patients(groups, 0.2, seed=7)

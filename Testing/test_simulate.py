@@ -11,11 +11,11 @@ from simdata import SIM_PATIENTS, SIM_SIZE, make_sim_tree, shared_sim_tree
 from skimage.transform import iradon
 
 from TextureStarGANCore.volume_io import read_volume
-from Training import kernels as K
-from Training.nps import measure_nps, nps_2d, radial_nps
-from Training.phantom import ChestPhantom, random_params
 from Training.simulate import main as simulate_main
-from Training.simulate import simulate
+from Training.simulator import kernels as K
+from Training.simulator.nps import measure_nps, nps_2d, radial_nps
+from Training.simulator.phantom import ChestPhantom, random_params
+from Training.simulator.simulate import simulate
 
 
 @pytest.fixture(scope="module")

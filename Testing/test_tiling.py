@@ -8,13 +8,13 @@ import torch
 from model_factory import make_model_file
 
 from TextureStarGANCore import Harmonizer
-from TextureStarGANCore.checkpoint import instantiate, load_model_file
 from TextureStarGANCore.config import ModelConfig
 from TextureStarGANCore.inference import run_generator_tiled, tile_starts, tile_window
+from TextureStarGANCore.model_file import instantiate, load_model_file
 from TextureStarGANCore.networks import build_networks
 from TextureStarGANCore.preprocessing import PreprocessSpec
-from Training import export
-from Training.metrics.harmonize import CanvasHarmonizer
+from Training.trainer import export
+from Training.evaluation.metrics.harmonize import CanvasHarmonizer
 
 TINY = ModelConfig.small(img_size=64, base_width=8, max_width=32, style_dim=16, mapping_hidden=32)
 SPEC_128 = PreprocessSpec(canvas_size=128, pixel_spacing_mm=4.0)

@@ -264,7 +264,7 @@ def prepared(tmp_path_factory):
 
 
 def test_dataset_source_body_crops_shards_and_exact_positions(prepared):
-    from Training.trainer.data import open_dataset
+    from Training.trainer.data_source import open_dataset
 
     cfg = tiny_config(train={"batch_size": 4})
     two = [open_dataset(prepared, cfg, DistContext(r, 2, r, torch.device("cpu"), "gloo")).source
@@ -308,7 +308,7 @@ def test_command_line_trains_refuses_overwrite_and_resumes(prepared, tmp_path, c
 
 
 def test_discriminator_check_reports_windows_and_kernel_separability(prepared, tmp_path, capsys):
-    from Training.trainer import discriminator_check
+    from Training.diagnostics import discriminator_check
 
     cfg = tmp_path / "d.yaml"
     cfg.write_text("model: {img_size: 64, base_width: 8, max_width: 16, residual: true}\n"

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file
 from .domains import Domain, UnknownDomainError, describe_domains, resolve_domain
+from .model_file import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file
 from .volume_io import CTVolume, InputError, check_output_path, read_volume, write_volume
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130

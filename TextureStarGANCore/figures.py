@@ -184,7 +184,7 @@ def save_comparison_png(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from .volume_io import atomic_output
+    from .fileio import atomic_output
 
     before = np.asarray(before_hu, dtype=np.float32)
     afters = [np.asarray(after_hu, dtype=np.float32)] if np.ndim(after_hu) == 2 else \

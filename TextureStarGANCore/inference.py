@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import ModelFile, instantiate, load_model_file
 from .domains import Domain, detect_domain, resolve_domain
+from .model_file import ModelFile, instantiate, load_model_file
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
 from .volume_io import CTVolume, validate_ct_values
 
@@ -119,7 +119,7 @@ def run_generator_tiled(
     returns its input gives the canvas back. ``style`` is (1, D) or (N, D). Tiles go through the generator
     ``batch`` at a time (default: as many tiles as make up N whole canvases, i.e. the same pixel count as
     the whole-canvas call), in a fixed order: deterministic. The one place for tiling (Harmonizer,
-    evaluation's ``CanvasHarmonizer``, ``Training.trainer.model_check``). Returns float32 (N, 1, S, S).
+    evaluation's ``CanvasHarmonizer``, ``Training.diagnostics.model_check``). Returns float32 (N, 1, S, S).
     """
     if canvases.ndim != 4 or canvases.shape[1] != 1 or canvases.shape[2] != canvases.shape[3]:
         raise ValueError(f"canvases must be (N, 1, S, S), got {tuple(canvases.shape)}")

@@ -338,7 +338,7 @@ def dc_free_(conv: nn.Conv2d) -> None:
     [-1, 1] scale) with kernel noise of ~0.01-0.05 on top. He-initialised filters pass that level, so the
     noise only shifts large pre-activations slightly and the LeakyReLU stays linear in it: its mean response,
     and D's view of the kernel, is zero. A zero-sum filter removes the level, so the rectified response
-    measures noise power from the first step. Measured with Training.trainer.discriminator_check on the CPU
+    measures noise power from the first step. Measured with discriminator_check on the CPU
     demo config: accuracy 0.68 after 300 steps, against 0.50 at 1500 and 0.67 at 5000 with the plain He
     init. It is only an initialisation; training may move the filters away from zero sum.
     """

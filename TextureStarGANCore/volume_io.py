@@ -15,19 +15,18 @@ touched. The data pipeline (``Training/dicom_scan.py``, ``prepare.py``) reads th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import shutil
-import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import atomic_output
 
 __all__ = [
     "InputError",
@@ -38,7 +37,6 @@ __all__ = [
     "read_volume",
     "read_dicom_files",
     "write_volume",
-    "atomic_output",
     "output_kind",
     "check_output_path",
     "validate_ct_values",
@@ -517,44 +515,6 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
         if not overwrite:
             raise InputError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it.")
     return kind
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one ``os.replace``.
-
-    The temporary name keeps the suffix (writers pick the format from it). On any error, including
-    KeyboardInterrupt, the temporary file or folder is removed and ``path`` is left as it was.
-    """
-    out = Path(path)
-    suffix = _suffix(out) if not folder else ""
-    stem = out.name[: len(out.name) - len(suffix)] if suffix else out.name
-    tmp = out.parent / f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}"
-    # Missing parent folders are created (a user naming out/result.nrrd expects that) and removed again
-    # if the write fails, so a failed run leaves nothing behind.
-    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        tmp.mkdir()
-    try:
-        yield tmp
-        if folder and out.is_dir():
-            # os.replace cannot replace a non-empty folder: move the old one aside first.
-            old = out.parent / f".{stem}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        for parent in reversed(created):
-            with contextlib.suppress(OSError):
-                parent.rmdir()  # only if still empty
-        raise
 
 
 def _integer_range(dtype: np.dtype) -> tuple[float, float]:

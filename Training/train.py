@@ -13,7 +13,6 @@ Ctrl-C saves a checkpoint and exits; `--resume auto` continues from it. Export w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -23,9 +22,11 @@ from typing import Any
 import torch
 import yaml
 
+from TextureStarGANCore.fileio import write_json_atomic, write_text_atomic
+
 from .trainer import checkpointing as ckpt
 from .trainer.config import ConfigError, TrainConfig, load_config
-from .trainer.data import DataError, open_dataset
+from .trainer.data_source import DataError, open_dataset
 from .trainer.ddp import DistContext, barrier, init_distributed, seed_everything, shutdown
 from .trainer.loop import NonFiniteLossError, Trainer
 
@@ -71,7 +72,7 @@ def make_eval_hook(dataset_root: Path, cfg: TrainConfig):
     """
 
     def hook(trainer: Trainer) -> None:
-        from .export import export_model
+        from .trainer.export import export_model
 
         it = trainer.iteration
         snap = trainer.run_dir / "snapshots" / f"iter_{it:06d}.safetensors"
@@ -82,7 +83,7 @@ def make_eval_hook(dataset_root: Path, cfg: TrainConfig):
             export_model(snap, ema=trainer.ema, model_config=trainer.model_config, iteration=it,
                          texture_loss=trainer.texture is not None, run_info=trainer.run_info,
                          train_config=cfg.to_dict(), num_latents=1024)
-            from .evaluate import quick_evaluate
+            from .evaluation.evaluate import quick_evaluate
 
             result = quick_evaluate(snap, dataset_root, out_json,
                                     max_slices_per_domain=cfg.log.eval_max_slices_per_domain,
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = open_dataset(data_root, cfg, ctx)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            _write_text(run_dir / "run.json", json.dumps(dataset.run_info, indent=2))
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_json_atomic(run_dir / "run.json", dataset.run_info, indent=2)
         barrier(ctx)
         hook = make_eval_hook(Path(data_root), cfg) if cfg.log.eval_every else None
         trainer = Trainer(cfg, run_dir, dataset.source, dataset.num_domains, ctx, run_info=dataset.run_info,
@@ -155,12 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.is_main:
         print(f"{result.status} at iteration {result.iteration}; checkpoint {result.checkpoint}")
     return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from . import ensureEnginePath
 
 ensureEnginePath()
 
-from TextureStarGANCore.checkpoint import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file  # noqa: E402
 from TextureStarGANCore.domains import (  # noqa: E402
     Domain,
     UnknownDomainError,
@@ -32,6 +31,7 @@ from TextureStarGANCore.domains import (  # noqa: E402
     detect_domain,
     resolve_domain,
 )
+from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file  # noqa: E402
 from TextureStarGANCore.volume_io import InputError  # noqa: E402
 
 __all__ = [

@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def bench_simulator(size: int, n_fast: int, n_full: int) -> dict:
-    from Training import kernels as K
-    from Training.phantom import ChestPhantom, random_params
+    from Training.simulator import kernels as K
+    from Training.simulator.phantom import ChestPhantom, random_params
 
     spec = K.kernel_by_name("STANDARD")
     px = spec.pixel_mm(size)
@@ -57,7 +57,7 @@ def bench_simulator(size: int, n_fast: int, n_full: int) -> dict:
 
 
 def bench_prepare(tree: Path, patients: int, workers: tuple[int, ...]) -> dict:
-    from Training.prepare import prepare
+    from Training.data.prepare import prepare
 
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
@@ -93,7 +93,7 @@ def main() -> int:
     tmp = None
     tree = args.sim_tree
     if tree is None:
-        from Training.simulate import simulate
+        from Training.simulator.simulate import simulate
 
         tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
         tree = tmp / "tree"

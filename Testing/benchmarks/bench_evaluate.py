@@ -28,9 +28,9 @@ from eval_dataset_factory import make_eval_dataset  # noqa: E402
 from model_factory import make_model_file  # noqa: E402
 
 from TextureStarGANCore.config import ModelConfig  # noqa: E402
-from Training.evaluate import evaluate  # noqa: E402
-from Training.metrics import radiomics_features as rf  # noqa: E402
-from Training.metrics.testset import load_test_set  # noqa: E402
+from Training.evaluation.evaluate import evaluate  # noqa: E402
+from Training.evaluation.metrics import radiomics_features as rf  # noqa: E402
+from Training.evaluation.metrics.testset import load_test_set  # noqa: E402
 
 PAPER_TEST_SLICES = 9700
 PAPER_DOMAINS = 3

@@ -42,7 +42,7 @@ CPU = DistContext(0, 1, 0, torch.device("cpu"), None)
 
 def _source(cfg, data: Path | None, batch: int, rank: int = 0, world: int = 1):
     if data is not None:
-        from Training.trainer.data import open_dataset
+        from Training.trainer.data_source import open_dataset
 
         ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo" if world > 1 else None)
         return open_dataset(data, cfg, ctx).source, None

@@ -8,7 +8,7 @@ torch, CUDA) and data-sampler position. Only tensors and plain Python containers
 
 from __future__ import annotations
 
-import os
+import io
 import random
 import re
 from pathlib import Path
@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from TextureStarGANCore.fileio import write_bytes_atomic
 
 CKPT_DIR = "checkpoints"
 _PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -50,17 +52,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write atomically (temporary file in the same folder, fsync, rename), then prune to the last K."""
     path = checkpoint_path(run_dir, iteration)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue(), fsync=True)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path

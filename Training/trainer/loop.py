@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from TextureStarGANCore.checkpoint import compute_domain_styles
 from TextureStarGANCore.config import ModelConfig
+from TextureStarGANCore.model_file import compute_domain_styles
 from TextureStarGANCore.networks import build_networks
 from TextureStarGANCore.texture import TextureLoss
 

@@ -7,13 +7,14 @@ and PNG grids are still written and a one-line notice says how to get TensorBoar
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
+
+from TextureStarGANCore.fileio import atomic_output
 
 
 def image_grid(rows: list[list[Tensor]], pad: int = 2) -> np.ndarray:
@@ -68,10 +69,8 @@ class Monitor:
         import matplotlib.image as mpimg
 
         out = self.run_dir / "samples" / f"{tag}_{iteration:08d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
-        mpimg.imsave(tmp, grid, cmap="gray", vmin=0, vmax=255)
-        os.replace(tmp, out)
+        with atomic_output(out) as tmp:
+            mpimg.imsave(tmp, grid, cmap="gray", vmin=0, vmax=255, format="png")
         return out
 
     def text(self, tag: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""The evaluation's view of a prepared dataset: the test split per domain, through ``Training.dataset``.
+"""The evaluation's view of a prepared dataset: the test split per domain, through ``Training.data.dataset``.
 
 Slices are addressed by ``array:row`` (stable keys for the feature cache). Simulated datasets pair
 slices across kernels by (patient, slice_index), which gives the paired ground truth.
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from TextureStarGANCore.preprocessing import PreprocessSpec, unit_to_hu
-from Training.dataset import CTSliceDataset
+from Training.data.dataset import CTSliceDataset
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _subsample(indices: list[int], n: int | None) -> list[int]:
 
 def load_test_set(root: str | Path, max_slices_per_domain: int | None = None, split: str = "test") -> TestSet:
     """Read a prepared dataset's ``split``; ``max_slices_per_domain`` picks evenly spaced slices (in
-    patient / slice order) per domain. Raises ``Training.dataset.DatasetError`` (a ValueError)."""
+    patient / slice order) per domain. Raises ``Training.data.dataset.DatasetError`` (a ValueError)."""
     ds = CTSliceDataset(root, split)
     per: dict[str, list[int]] = {}
     order = sorted(range(len(ds.rows)), key=lambda i: (ds.rows[i].patient, ds.rows[i].slice_index, i))

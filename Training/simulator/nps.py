@@ -9,13 +9,15 @@ per-kernel reports) and by the evaluation (harmonized vs target kernel).
 from __future__ import annotations
 
 import csv
+import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from TextureStarGANCore.fileio import atomic_output, write_text_atomic
 
 __all__ = ["NPSResult", "nps_2d", "radial_nps", "measure_nps", "noise_rois", "write_nps_csv", "plot_nps"]
 
@@ -117,31 +119,14 @@ def measure_nps(
     return NPSResult(freq, nps, sd)
 
 
-def _atomic_path(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; reports are for everyone
-    return tmp
-
-
 def write_nps_csv(path: str | os.PathLike, freq: np.ndarray, columns: Mapping[str, np.ndarray]) -> Path:
     """CSV with a frequency column (cycles/mm) and one column per named curve; written atomically."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["freq_per_mm", *columns.keys()])
-            for i, f in enumerate(freq):
-                w.writerow([f"{f:.5f}", *(f"{float(v[i]):.6g}" for v in columns.values())])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["freq_per_mm", *columns.keys()])
+    for i, f in enumerate(freq):
+        w.writerow([f"{f:.5f}", *(f"{float(v[i]):.6g}" for v in columns.values())])
+    return write_text_atomic(path, buf.getvalue())
 
 
 def plot_nps(
@@ -172,12 +157,9 @@ def plot_nps(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = _atomic_path(path)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -5,7 +5,7 @@ kernel b can be compared with the true kernel-b reconstruction of the same slice
 ``slice_index`` in the manifest):
 - PSNR and SSIM inside the body of the true slice, on HU clipped to the model window (data range = the
   window width), "before" = the source slice itself, "after" = the harmonized slice;
-- noise power spectra (``Training.nps``) of square ROIs in uniform soft tissue, the same ROI positions in
+- noise power spectra (``simulator.nps``) of square ROIs in uniform soft tissue, the same ROI positions in
   the source, harmonized and true slices (plane-detrended), and their distance: relative L2 between the
   radial NPS curves, ||NPS - NPS_true|| / ||NPS_true||.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from Training.nps import measure_nps, noise_rois
+from Training.simulator.nps import measure_nps, noise_rois
 
 from .structure import body_mask
 

@@ -1,6 +1,6 @@
 """Can a config's StarGAN v2 discriminator tell a dataset's kernels apart? Train D alone on that task.
 
-    python -m Training.trainer.discriminator_check --config CFG --data DATASET [--steps 1000] [--every 100]
+    python -m Training.diagnostics.discriminator_check --config CFG --data DATASET [--steps N]
         [--set SECTION.KEY=VALUE ...] [--out RESULT.json]
 
 Why: kernels differ in noise texture, a small signal (tens of HU) on top of anatomy (hundreds of HU). The
@@ -16,7 +16,6 @@ Run it before spending GPU hours on a new dataset or config.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,12 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from TextureStarGANCore.fileio import write_json_atomic
 from TextureStarGANCore.networks import Discriminator
-
-from .config import ConfigError, TrainConfig, load_config
-from .data import DataError, DatasetSource, open_dataset
-from .ddp import DistContext
-from .losses import adversarial_loss, r1_penalty
+from Training.trainer.config import ConfigError, TrainConfig, load_config
+from Training.trainer.data_source import DataError, DatasetSource, open_dataset
+from Training.trainer.ddp import DistContext
+from Training.trainer.losses import adversarial_loss, r1_penalty
 
 _LAPLACIAN = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])[None, None]
 
@@ -113,7 +112,7 @@ def train_discriminator(cfg: TrainConfig, source: DatasetSource, num_domains: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m Training.trainer.discriminator_check",
+    ap = argparse.ArgumentParser(prog="python -m Training.diagnostics.discriminator_check",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset (train split used)")
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w['step']:>5}  {w['bce_real']:.3f}     {w['bce_fake']:.3f}     {w['r1']:.5f}  "
               f"{w['accuracy']:.3f}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out)
+        write_json_atomic(args.out, result, indent=2)
     return 0
 
 

@@ -423,8 +423,8 @@ def calibrate(
     FBP is linear, so the noise image is the FBP of the sinogram noise alone (exactly the difference of
     a noisy and a noiseless reconstruction), which costs one back-projection per realisation.
     """
-    from Training.nps import noise_rois as nps_rois
-    from Training.nps import nps_2d, radial_nps
+    from Training.simulator.nps import noise_rois as nps_rois
+    from Training.simulator.nps import nps_2d, radial_nps
 
     n_angles = n_angles or size
     rng = np.random.default_rng(seed)

@@ -6,29 +6,14 @@ Tables have one row per kernel pair (plus the mean over pairs) and one column pe
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from TextureStarGANCore.fileio import write_csv_atomic, write_json_atomic, write_text_atomic
+
 FIG_WINDOW = (-1000.0, 400.0)  # lung window for the visual comparison
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -40,12 +25,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in r])
-    return _atomic_write(path, buf.getvalue().encode())
+    cells = [["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in r] for r in rows]
+    return write_csv_atomic(path, header, cells)
 
 
 def build_tables(results: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
@@ -189,8 +170,6 @@ def write_outputs(
     labels: list[str] | None = None,
 ) -> dict[str, str]:
     """Write every table, figures, report.md and results.json into ``out_dir``; returns {what: file}."""
-    from Training.evaluate import write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     tables = build_tables(results)
@@ -217,7 +196,7 @@ def write_outputs(
         ):
             if not summ.get("nps"):
                 continue
-            from Training.nps import plot_nps
+            from Training.simulator.nps import plot_nps
 
             freq = np.asarray(summ["nps"]["freq_per_mm"])
             curves = {
@@ -233,8 +212,8 @@ def write_outputs(
     if nps_files:
         files["nps"] = ", ".join(nps_files)
     results.setdefault("outputs", {}).update(files | {"results": "results.json", "report": "report.md"})
-    _atomic_write(out_dir / "report.md", render_report(results, tables, files, nps_files).encode())
-    write_json(out_dir / "results.json", results)
+    write_text_atomic(out_dir / "report.md", render_report(results, tables, files, nps_files))
+    write_json_atomic(out_dir / "results.json", results)
     return files
 
 

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
@@ -26,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from TextureStarGANCore.fileio import atomic_output
+
 from .structure import body_mask
 
-PARAMS_PATH = Path(__file__).resolve().parents[1] / "params" / "radiomics_2d.yaml"
+PARAMS_PATH = Path(__file__).resolve().parents[2] / "params" / "radiomics_2d.yaml"
 MIN_MASK_PIXELS = 64
 MASK_VERSION = "body>-500HU,largest,filled;v1"  # change when the mask definition changes (busts the cache)
 
@@ -208,19 +209,11 @@ class FeatureCache:
     def put(self, ids: Sequence[str], rows: np.ndarray) -> None:
         for sid, row in zip(ids, rows, strict=True):
             self._rows[sid] = np.asarray(row, dtype=np.float64)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self._rows)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz.tmp")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    ids=np.array(keys),
-                    names=np.array(self.names),
-                    features=np.stack([self._rows[k] for k in keys]) if keys else np.zeros((0, 0)),
-                )
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                ids=np.array(keys),
+                names=np.array(self.names),
+                features=np.stack([self._rows[k] for k in keys]) if keys else np.zeros((0, 0)),
+            )

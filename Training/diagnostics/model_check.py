@@ -1,10 +1,10 @@
 """Check an exported model on held-out simulated patients against the paired true target-kernel slices.
 
-    python -m Training.trainer.model_check MODEL.safetensors [MODEL2 ...] --data DATASET --out DIR
+    python -m Training.diagnostics.model_check MODEL.safetensors [MODEL2 ...] --data DATASET --out DIR
         [--slices-per-domain 4] [--tiled]
 
 For every direction a -> b (six with three kernels) and every model: PSNR / SSIM inside the body and the
-noise power spectrum distance to the true b slice (``Training.metrics.paired``), the high-frequency noise
+noise power spectrum distance to the true b slice (``metrics.paired``), the high-frequency noise
 SD in uniform soft-tissue ROIs (source, harmonized, truth) and the low-pass structure error (Gaussian
 sigma 3 mm, |lowpass(harmonized) - lowpass(truth)| in HU inside the body), which must stay near the
 input's. `--tiled` also runs the generator on overlapping crops of the training size instead of the whole
@@ -15,8 +15,6 @@ DIR/model_check.json, DIR/model_check.md and a before / after / truth PNG per di
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,12 +22,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from TextureStarGANCore.checkpoint import instantiate, load_model_file
+from TextureStarGANCore.fileio import write_json_atomic, write_text_atomic
 from TextureStarGANCore.inference import run_generator_tiled
+from TextureStarGANCore.model_file import instantiate, load_model_file
 from TextureStarGANCore.preprocessing import unit_to_hu
-from Training.dataset import CTSliceDataset, paired_slices
-from Training.metrics.paired import PairedDirection, roi_size, uniform_roi_centers
-from Training.metrics.structure import body_mask
+from Training.data.dataset import CTSliceDataset, paired_slices
+from Training.evaluation.metrics.paired import PairedDirection, roi_size, uniform_roi_centers
+from Training.evaluation.metrics.structure import body_mask
 
 HP_SIGMA_MM = 1.5  # high-pass: image minus its Gaussian blur at this sigma
 LP_SIGMA_MM = 3.0  # low-pass structure scale
@@ -143,15 +142,12 @@ def _write(out: Path, results: dict) -> None:
         for d, s in per_dir.items():
             lines.append(f"| {d} | " + " | ".join(_fmt(s.get(c)) for c in cols) + " |")
         lines.append("")
-    texts = {"model_check.json": json.dumps(results, indent=1), "model_check.md": "\n".join(lines)}
-    for name, text in texts.items():
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_json_atomic(out / "model_check.json", results)
+    write_text_atomic(out / "model_check.md", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m Training.trainer.model_check",
+    ap = argparse.ArgumentParser(prog="python -m Training.diagnostics.model_check",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--data", type=Path, required=True, help="prepared simulated dataset (test split used)")

@@ -4,6 +4,6 @@ One module per measurement: ``fid`` (Table I), ``radiomics_features`` + ``radiom
 ``welch`` (the statistical decision both use), ``structure`` (lung structure preservation), ``frd``
 (Frechet Radiomic Distance), ``paired`` (PSNR/SSIM/NPS against simulated ground truth), ``harmonize``
 (running a model file's generator on prepared canvases), ``testset`` (the test split through
-``Training.dataset``) and ``report`` (tables, report.md, figures).
+``Training.data.dataset``) and ``report`` (tables, report.md, figures).
 Submodules are imported on demand so that light users (the trainer's periodic hook) stay cheap.
 """

@@ -3,7 +3,7 @@
 The dataset already holds canvases in [-1, 1] (the model's own preprocessing), so the evaluation skips the
 HU -> canvas -> HU round trip of ``Harmonizer.harmonize`` and feeds the generator with the stored target
 style of each domain, the same deterministic style ``Harmonizer.target_style`` uses. This is a thin adapter
-over ``TextureStarGANCore.checkpoint`` (load_model_file + instantiate); the generator runs through the
+over ``TextureStarGANCore.model_file`` (load_model_file + instantiate); the generator runs through the
 engine's ``run_generator_tiled`` with the card's ``tile_size``, so evaluation and inference agree.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from TextureStarGANCore.checkpoint import ModelFile, instantiate, load_model_file
 from TextureStarGANCore.domains import Domain, resolve_domain
 from TextureStarGANCore.inference import run_generator_tiled
+from TextureStarGANCore.model_file import ModelFile, instantiate, load_model_file
 from TextureStarGANCore.preprocessing import PreprocessSpec
 
 

@@ -16,7 +16,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .domains import Domain
+from .fileio import write_bytes_atomic
 from .networks import build_networks
 from .preprocessing import PreprocessSpec
 
@@ -332,15 +332,8 @@ def save_model_file(
         "model_card": json.dumps(card, sort_keys=True),
         "weights_sha256": _weights_digest(tensors),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared model file must be readable by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialised in memory (the file is small): safetensors' own writer creates 0600 files.
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Training batches from a prepared dataset (`Training.dataset`): balanced domains, per-rank shards, crops.
+"""Training batches from a prepared dataset (`data.dataset`): balanced domains, per-rank shards, crops.
 
 Every batch is a pure function of (seed, rank, batch number): domains drawn uniformly (balanced, as the
 dataset's `BalancedDomainSampler`), a random slice of each from this rank's shard (every world_size-th slice
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from TextureStarGANCore.preprocessing import hu_to_unit
-from Training.dataset import CTSliceDataset, DatasetError
+from Training.data.dataset import CTSliceDataset, DatasetError
 
 from .config import TrainConfig
 from .ddp import DistContext

@@ -209,7 +209,7 @@ class ChestPhantom:
             sxy = sigma_mm / (pixel_mm * sub)
             vol = ndimage.gaussian_filter(vol, (sz, sxy, sxy), mode="wrap", truncate=3.0)
             if sub > 1:
-                from Training.kernels import resample_centered
+                from Training.simulator.kernels import resample_centered
 
                 vol = np.stack([resample_centered(v, pixel_mm * sub, size, pixel_mm) for v in vol])
             vol /= max(float(vol.std()), 1e-6)
