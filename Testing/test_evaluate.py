@@ -14,8 +14,8 @@ from model_factory import make_model_file
 
 from TextureStarGANCore.config import ModelConfig
 from Training import curves
-from Training.evaluation.curves import read_run
 from Training.evaluate import main
+from Training.evaluation.curves import read_run
 from Training.evaluation.evaluate import EvaluationError, evaluate, quick_evaluate
 
 CANVAS = 128  # 4 mm pixels: big enough for lungs and NPS regions, small enough to be quick

@@ -13,8 +13,8 @@ from TextureStarGANCore.inference import run_generator_tiled, tile_starts, tile_
 from TextureStarGANCore.model_file import instantiate, load_model_file
 from TextureStarGANCore.networks import build_networks
 from TextureStarGANCore.preprocessing import PreprocessSpec
-from Training.trainer import export
 from Training.evaluation.metrics.harmonize import CanvasHarmonizer
+from Training.trainer import export
 
 TINY = ModelConfig.small(img_size=64, base_width=8, max_width=32, style_dim=16, mapping_hidden=32)
 SPEC_128 = PreprocessSpec(canvas_size=128, pixel_spacing_mm=4.0)
