@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from TextureStarGANCore.masks import body_mask
 from TextureStarGANCore.preprocessing import PreprocessSpec, hu_to_unit
 from Training.evaluation.metrics import radiomics_features as rf
-from Training.evaluation.metrics.structure import body_mask
 
 EXPECTED = {"firstorder": 18, "glcm": 24, "gldm": 14, "glrlm": 16, "glszm": 16, "ngtdm": 5, "shape2D": 9}
 

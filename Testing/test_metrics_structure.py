@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from Training.evaluation.metrics.structure import body_mask, lung_mask, mean_scores, structure_scores
+from TextureStarGANCore.masks import body_mask
+from Training.evaluation.metrics.structure import lung_mask, mean_scores, structure_scores
 from Training.simulator.phantom import ChestPhantom, random_params
 
 

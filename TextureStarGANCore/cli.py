@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .domains import Domain, UnknownDomainError, describe_domains, resolve_domain
+from .masks import BODY_THRESHOLD_HU
 from .model_file import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file
 from .volume_io import CTVolume, InputError, check_output_path, read_volume, write_volume
 
@@ -116,8 +117,8 @@ def _source_domain(args: argparse.Namespace, volume: CTVolume, domains: list[Dom
 
 
 def _pick_slice(hu: np.ndarray) -> int:
-    """The slice with the most body (voxels above -500 HU): the most informative one to show."""
-    area = (hu > -500).reshape(hu.shape[0], -1).sum(axis=1)
+    """The slice with the most body (voxels above BODY_THRESHOLD_HU): the most informative one to show."""
+    area = (hu > BODY_THRESHOLD_HU).reshape(hu.shape[0], -1).sum(axis=1)
     return int(np.argmax(area))
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .masks import body_mask
+
 __all__ = ["ROI", "choose_rois", "save_comparison_png", "LUNG_WINDOW", "SOFT_TISSUE_WINDOW", "BONE_WINDOW"]
 
 # Display windows as (low, high) HU: lung W1500/L-600, soft tissue W400/L40, bone W2000/L300.
@@ -48,18 +50,6 @@ def _window_name(window: tuple[float, float]) -> str:
     return f"W{hi - lo:.0f} / L{(hi + lo) / 2:.0f}"
 
 
-def _body_mask(image: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    mask = image > -500
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    body = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(body)  # lungs and airways are holes inside the body
-
-
 def choose_rois(image_hu: np.ndarray, pixel_spacing: tuple[float, float] | None = None,
                 count: int = 2) -> list[ROI]:
     """Pick ``count`` non-overlapping square ROIs inside the body where kernel texture is easiest to see.
@@ -81,7 +71,7 @@ def choose_rois(image_hu: np.ndarray, pixel_spacing: tuple[float, float] | None 
     size = int(np.clip(size, 12, max(12, min(rows, cols) // 3)))
     if size >= min(rows, cols):
         return [ROI(0, 0, min(rows, cols), "1", (-1000.0, 400.0))]
-    body = _body_mask(img).astype(np.float32)
+    body = body_mask(img).astype(np.float32)
     clipped = np.clip(img, -1100, 1500)
     fine = clipped - ndimage.gaussian_filter(clipped, 2.0)  # noise + fine structure, no large edges
     # Box statistics on a grid via box filters (mean of x and x^2 over each box).
@@ -204,7 +194,7 @@ def save_comparison_png(
     diff = images[-1] - before if difference else None
     dlim = 10.0
     if diff is not None:
-        body = _body_mask(before)
+        body = body_mask(before)
         vals = np.abs(diff[body]) if body.any() else np.abs(diff).ravel()
         dlim = max(10.0, float(np.percentile(vals, 99)))
 

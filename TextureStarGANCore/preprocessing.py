@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .masks import BODY_THRESHOLD_HU
+
 ArrayLike = np.ndarray | torch.Tensor
 
 __all__ = [
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 # A voxel counts as body when above this HU (fat is about -100, lung about -850, air -1000).
-_BODY_THRESHOLD_HU = -500.0
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def body_center(volume_hu: ArrayLike, spacing_xy: tuple[float, float] | None = N
     frac = np.zeros((rows, cols), dtype=np.float32)
     picked = range(0, vol.shape[0], step)
     for k in picked:
-        frac += vol[k] > _BODY_THRESHOLD_HU
+        frac += vol[k] > BODY_THRESHOLD_HU
     frac /= len(picked)
     mask = frac >= 0.2
     labels, n = ndimage.label(mask)
@@ -447,7 +448,7 @@ def _from_canvas_tensor(out: torch.Tensor, p: CanvasPlacement, orig: torch.Tenso
         if fine_detail == "drop":
             gain = torch.zeros(orig.shape[0], device=orig.device)
         else:
-            gain = _fine_gain(canvas_in, out, float(hu_to_unit(torch.tensor(_BODY_THRESHOLD_HU), spec)))
+            gain = _fine_gain(canvas_in, out, float(hu_to_unit(torch.tensor(BODY_THRESHOLD_HU), spec)))
         back = back + (gain - 1.0).view(-1, 1, 1) * fine
     rows_in, cols_in = p.input_shape
     ci = (torch.arange(rows_in, dtype=torch.float64) - p.row0) / p.step_r

@@ -22,16 +22,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from TextureStarGANCore.fileio import atomic_output, write_text_atomic
+from TextureStarGANCore.masks import body_mask
+from Training.evaluation.metrics.radiomics_features import MIN_MASK_PIXELS, feature_names, slice_features
 
 __all__ = [
     "AnalysisError",
@@ -44,7 +44,6 @@ __all__ = [
 
 FACTORS = ("domain", "kernel", "scanner", "slice_thickness", "pixel_spacing", "kvp", "patient")
 FEATURE_CLASSES = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
-_BODY_HU = -500.0
 
 
 class AnalysisError(ValueError):
@@ -55,59 +54,35 @@ class AnalysisCancelled(RuntimeError):
     """The cancel event was set; no report was written."""
 
 
-def _extractor():
-    import radiomics
-    from radiomics import featureextractor
-
-    radiomics.setVerbosity(logging.ERROR)
-    ex = featureextractor.RadiomicsFeatureExtractor(binWidth=25, force2D=True, force2Ddimension=0)
-    ex.disableAllFeatures()
-    for c in FEATURE_CLASSES:
-        ex.enableFeatureClassByName(c)
-    return ex
-
-
-def _body_mask(hu: np.ndarray) -> np.ndarray:
-    """Largest connected region above -500 HU with holes (lungs) filled: the body, not the table."""
-    from scipy import ndimage
-
-    mask = hu > _BODY_HU
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndimage.sum_labels(mask, labels, range(1, n + 1))
-    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
-
-
 def extract_series_features(task: dict) -> dict:
-    """Mean pyradiomics features over the given canvas rows of one series (runs in worker processes)."""
-    import SimpleITK as sitk
+    """Mean texture features over the given canvas rows of one series (runs in worker processes).
 
+    The evaluation's radiomics configuration (``params/radiomics_2d.yaml``) without its shape features:
+    the body's shape says nothing about the kernel.
+    """
     from TextureStarGANCore.preprocessing import PreprocessSpec, unit_to_hu
 
     spec = PreprocessSpec.from_dict(task["spec"])
     arr = np.load(task["array"], mmap_mode="r")
-    ex = _extractor()
-    values: dict[str, list[float]] = defaultdict(list)
+    names = feature_names()
+    keep = [i for i, n in enumerate(names) if n.split("_")[1] in FEATURE_CLASSES]
+    rows = []
     for row in task["rows"]:
         hu = unit_to_hu(np.asarray(arr[row], dtype=np.float32), spec)
-        mask = _body_mask(hu)
-        if mask.sum() < 64:
+        mask = body_mask(hu)
+        if mask.sum() < MIN_MASK_PIXELS:
             continue
-        img = sitk.GetImageFromArray(hu[None])
-        img.SetSpacing((spec.pixel_spacing_mm, spec.pixel_spacing_mm, 1.0))
-        msk = sitk.GetImageFromArray(mask[None].astype(np.uint8))
-        msk.CopyInformation(img)
         try:
-            result = ex.execute(img, msk)
+            rows.append(slice_features(hu, spec.pixel_spacing_mm, mask=mask)[keep])
         except Exception as exc:  # noqa: BLE001 - pyradiomics raises plain exceptions on odd masks
             return {"series_uid": task["series_uid"], "error": str(exc)}
-        for k, v in result.items():
-            if k.startswith("original_"):
-                values[k[len("original_") :]].append(float(v))
-    if not values:
+    if not rows:
         return {"series_uid": task["series_uid"], "error": "no slice with a body region"}
-    return {"series_uid": task["series_uid"], "features": {k: float(np.mean(v)) for k, v in values.items()}}
+    means = np.nanmean(np.stack(rows), axis=0)
+    return {
+        "series_uid": task["series_uid"],
+        "features": {names[i][len("original_"):]: float(m) for i, m in zip(keep, means, strict=True)},
+    }
 
 
 def eta_squared(values: np.ndarray, labels: Sequence, adjusted: bool = False) -> np.ndarray:
@@ -396,7 +371,8 @@ def _summary_md(summary: dict, ranked: list[dict], ari: dict, dataset: Path) -> 
         f"# Radiomic domain analysis: {dataset}",
         "",
         f"{summary['series']} series, {summary['slices_per_series']} slice(s) each, {summary['features']} "
-        f"pyradiomics texture features ({', '.join(FEATURE_CLASSES)}; 2D, binWidth 25, body mask).",
+        f"pyradiomics texture features ({', '.join(FEATURE_CLASSES)}; the evaluation's "
+        "Training/params/radiomics_2d.yaml, body mask).",
         "",
         "## Effect size per acquisition factor",
         "",

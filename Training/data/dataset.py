@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from TextureStarGANCore.domains import Domain
+from TextureStarGANCore.masks import BODY_THRESHOLD_HU
 from TextureStarGANCore.preprocessing import PreprocessSpec, hu_to_unit
 
 __all__ = [
@@ -154,7 +155,7 @@ class CTSliceDataset(Dataset):
         self.by_domain = {k: np.asarray(v, dtype=np.int64) for k, v in sorted(self.by_domain.items())}
         self._pairs: dict[tuple[str, int], list[int]] | None = None
         self._arrays: dict[str, np.ndarray] = {}
-        self._fg_threshold = float(hu_to_unit(np.float32(-500.0), self.spec.hu_window))
+        self._fg_threshold = float(hu_to_unit(np.float32(BODY_THRESHOLD_HU), self.spec.hu_window))
 
     def __len__(self) -> int:
         return len(self.rows)

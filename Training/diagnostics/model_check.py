@@ -24,11 +24,11 @@ from scipy import ndimage
 
 from TextureStarGANCore.fileio import write_json_atomic, write_text_atomic
 from TextureStarGANCore.inference import run_generator_tiled
+from TextureStarGANCore.masks import body_mask
 from TextureStarGANCore.model_file import instantiate, load_model_file
 from TextureStarGANCore.preprocessing import unit_to_hu
 from Training.data.dataset import CTSliceDataset, paired_slices
 from Training.evaluation.metrics.paired import PairedDirection, roi_size, uniform_roi_centers
-from Training.evaluation.metrics.structure import body_mask
 
 HP_SIGMA_MM = 1.5  # high-pass: image minus its Gaussian blur at this sigma
 LP_SIGMA_MM = 3.0  # low-pass structure scale

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from TextureStarGANCore.masks import BODY_THRESHOLD_HU
 from TextureStarGANCore.preprocessing import hu_to_unit
 from Training.data.dataset import CTSliceDataset, DatasetError
 
@@ -38,7 +39,7 @@ class DatasetSource:
         self.dataset = dataset
         self.batch = batch
         self.crop = crop
-        self.body_level = float(hu_to_unit(np.float32(-500.0), dataset.spec))  # -500 HU on the [-1, 1] scale
+        self.body_level = float(hu_to_unit(np.float32(BODY_THRESHOLD_HU), dataset.spec))
         self.seed = seed
         self.rank = rank
         self.num_domains = len(dataset.domains)

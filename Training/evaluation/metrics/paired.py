@@ -18,9 +18,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
+from TextureStarGANCore.masks import body_mask
 from Training.simulator.nps import measure_nps, noise_rois
-
-from .structure import body_mask
 
 ROI_MM = 24.0  # ROI side for the NPS
 SOFT_TISSUE_HU = (-300.0, 300.0)  # uniform-region test on the smoothed true image

@@ -1,7 +1,7 @@
 """The paper's 102 pyradiomics features per 2D slice, extracted in parallel with a cache.
 
 Images are canvases mapped back to HU (the model's window) at the canvas pixel spacing; the mask is the body
-(``structure.body_mask``: largest region above -500 HU, holes filled). The body rather than the lungs is
+(``masks.body_mask``: largest region above -500 HU, holes filled). The body rather than the lungs is
 used because every slice has a body while many have no lungs, and kernel texture shows in all tissue.
 Slices whose body has fewer than ``MIN_MASK_PIXELS`` pixels get a row of NaN (ignored by the Welch tests).
 
@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from TextureStarGANCore.fileio import atomic_output
-
-from .structure import body_mask
+from TextureStarGANCore.masks import BODY_THRESHOLD_HU, body_mask
 
 PARAMS_PATH = Path(__file__).resolve().parents[2] / "params" / "radiomics_2d.yaml"
 MIN_MASK_PIXELS = 64
@@ -66,7 +65,7 @@ def feature_names(params_path: str | Path = PARAMS_PATH) -> tuple[str, ...]:
     yy, xx = np.mgrid[:48, :48]
     rng = np.random.default_rng(0)
     hu = np.where((yy - 24) ** 2 + (xx - 24) ** 2 < 400, 40.0 + 30 * rng.standard_normal((48, 48)), -1000.0)
-    return tuple(sorted(_run(hu, hu > -500, 1.0, str(params_path))))
+    return tuple(sorted(_run(hu, hu > BODY_THRESHOLD_HU, 1.0, str(params_path))))
 
 
 def slice_features(

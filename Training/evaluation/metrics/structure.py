@@ -18,25 +18,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-BODY_HU = -500.0  # soft tissue vs air: the body outline
 LUNG_AIR_HU = -400.0  # lung parenchyma (~-850 HU) is air-like; -400 separates it from soft tissue
 STRUCTURE_HU = -500.0  # vessels and bronchial walls inside the lungs
 LUNG_WINDOW = (-1000.0, 400.0)  # display window for SSIM inside the lungs
 MIN_LUNG_AREA_MM2 = 400.0  # smaller enclosed air (bowel gas, trachea cross-section) is not lung
-
-
-def body_mask(hu: np.ndarray, threshold: float = BODY_HU) -> np.ndarray:
-    """The largest connected region above ``threshold`` HU with its holes (lungs, airways) filled."""
-    hu = np.asarray(hu)
-    if hu.ndim != 2:
-        raise ValueError(f"body_mask expects one 2D slice, got shape {hu.shape}")
-    fg = hu > threshold
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return np.zeros_like(fg)
-    sizes = ndimage.sum_labels(fg, labels, index=np.arange(1, n + 1))
-    largest = labels == (1 + int(np.argmax(sizes)))
-    return ndimage.binary_fill_holes(largest)
 
 
 def lung_mask(
