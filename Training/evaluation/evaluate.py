@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import combinations, permutations
 from pathlib import Path
@@ -145,6 +146,33 @@ class _Progress:
             raise InterruptedError(f"evaluation cancelled after {self.done} of {self.total} slice steps")
 
 
+@dataclass
+class _Run:
+    """What one evaluation holds while it streams slices: the inputs and every per-direction accumulator."""
+
+    ts: Any  # metrics.testset.TestSet
+    chosen: list[str]
+    harmonizers: list
+    labels: list[str]
+    notes: list[str]
+    fidnet: Any = None
+    fid_window: tuple[float, float] | None = None
+    names: list[str] = field(default_factory=list)
+    cache: Any = None
+    real_act: dict[str, np.ndarray] = field(default_factory=dict)
+    real_feat: dict[str, np.ndarray] = field(default_factory=dict)
+    harm_act: dict[tuple[int, str, str], list[np.ndarray]] = field(default_factory=dict)
+    harm_feat: dict[tuple[int, str, str], list[np.ndarray]] = field(default_factory=dict)
+    struct: dict[tuple[int, str, str], list] = field(default_factory=dict)
+    paired: dict[tuple[int, str, str], Any] = field(default_factory=dict)
+    examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    timer: _Timer = field(default_factory=_Timer)
+
+    @property
+    def need_feats(self) -> bool:
+        return "radiomics" in self.chosen or "frd" in self.chosen
+
+
 def evaluate(
     dataset: str | Path,
     models: Sequence[str | Path | None] = (None,),
@@ -165,9 +193,62 @@ def evaluate(
 ) -> dict:
     """Evaluate ``models`` (None = the bundled model) on ``dataset``'s test split; returns results.json's
     content and, with ``out_dir``, writes every table, report.md, figures and results.json there."""
-    from Training.evaluation.metrics import radiomics_alignment as ra
+    from Training.evaluation.metrics import radiomics_features as rf
+
+    run = _open_run(dataset, models, metrics, max_slices_per_domain, device, batch_size)
+    run.fid_window = fid_window
+    if "fid" in run.chosen:
+        from Training.evaluation.metrics.fid import InceptionWeightsMissing, build_inception
+
+        try:
+            run.fidnet = build_inception(inception_weights, dims=fid_dims, device=device)
+        except InceptionWeightsMissing as exc:
+            raise EvaluationError(str(exc)) from None
+    if run.need_feats:
+        run.names = list(rf.feature_names())
+        run.cache = rf.FeatureCache(cache_dir or default_cache_dir(), run.ts.root)
+    ts = run.ts
+    total = sum(len(v) for v in ts.slices.values()) * (1 + len(run.harmonizers) * (len(ts.domains) - 1))
+    prog = _Progress(total, progress, cancel)
+    prog.check()
+    t_start = time.perf_counter()
+    with rf.feature_pool(workers if run.need_feats else 1) as pool:
+        _stream_real(run, pool, prog, cancel)
+        _stream_harmonized(run, pool, prog, cancel)
+    t_stats = time.perf_counter()
+    results = _results(run)
+    # Statistics: per pair and direction a 2048-d matrix square root (FID) and the Welch tests; a fixed
+    # cost that does not grow with the number of slices.
+    results["timing"] = {
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "statistics_seconds": round(time.perf_counter() - t_stats, 3),
+        "stages": run.timer.to_dict(),
+    }
+    results["provenance"] = _provenance(run, max_slices_per_domain)
+    if any(not h.trained for h in run.harmonizers):
+        results["notes"].append(f"model(s) marked {UNTRAINED}: numbers exercise the pipeline, not the method")
+    if run.fidnet is not None and not run.fidnet.comparable:
+        from Training.evaluation.metrics.fid import NOT_COMPARABLE
+
+        results["notes"].append(f"FID values are {NOT_COMPARABLE}")
+    if out_dir is not None:
+        from Training.evaluation.metrics.report import write_outputs
+
+        write_outputs(Path(out_dir), results, run.examples if figures else {})
+    return results
+
+
+def _open_run(
+    dataset: str | Path,
+    models: Sequence[str | Path | None],
+    metrics: str | Sequence[str] | None,
+    max_slices_per_domain: int | None,
+    device: str,
+    batch_size: int,
+) -> _Run:
+    """Validate the request and load the test set and every model; nothing is computed yet."""
+    from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH, ModelFileError
     from Training.evaluation.metrics.harmonize import CanvasHarmonizer
-    from Training.evaluation.metrics.structure import structure_scores
     from Training.evaluation.metrics.testset import load_test_set
 
     chosen, explicit = parse_metrics(metrics)
@@ -190,8 +271,6 @@ def evaluate(
             )
         chosen.remove("paired")
         notes.append("paired ground-truth metrics skipped: real (unpaired) data")
-    from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH, ModelFileError
-
     harmonizers = []
     for m in models:
         if m is None and not DEFAULT_MODEL_PATH.is_file():
@@ -202,123 +281,105 @@ def evaluate(
         except (ModelFileError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None
         harmonizers.append(h)
-    labels = _model_labels(harmonizers)
+    return _Run(ts, chosen, harmonizers, _model_labels(harmonizers), notes)
 
-    fidnet = None
-    if "fid" in chosen:
-        from Training.evaluation.metrics.fid import InceptionWeightsMissing, build_inception
 
-        try:
-            fidnet = build_inception(inception_weights, dims=fid_dims, device=device)
-        except InceptionWeightsMissing as exc:
-            raise EvaluationError(str(exc)) from None
-    need_feats = "radiomics" in chosen or "frd" in chosen
-    spacing = ts.spec.pixel_spacing_mm
-    window = ts.spec.hu_window
-    n_dir = len(ts.domains) * (len(ts.domains) - 1)
-    total = sum(len(v) for v in ts.slices.values()) * (1 + len(harmonizers) * (len(ts.domains) - 1))
-    prog = _Progress(total, progress, cancel)
-    prog.check()
+def _chunks(refs: Sequence) -> Iterator[tuple[int, Sequence]]:
+    for start in range(0, len(refs), CHUNK):
+        yield start, refs[start : start + CHUNK]
 
+
+def _stream_real(run: _Run, pool: Any, prog: _Progress, cancel: threading.Event | None) -> None:
+    """Real images of every domain: radiomic features (cached where possible), Inception activations."""
     from Training.evaluation.metrics import fid as fidmod
     from Training.evaluation.metrics import radiomics_features as rf
 
-    names = list(rf.feature_names()) if need_feats else []
-    cache = rf.FeatureCache(cache_dir or default_cache_dir(), ts.root) if need_feats else None
-    real_act: dict[str, np.ndarray] = {}
-    real_feat: dict[str, np.ndarray] = {}
-    harm_act: dict[tuple[int, str, str], list[np.ndarray]] = {}
-    harm_feat: dict[tuple[int, str, str], list[np.ndarray]] = {}
-    struct: dict[tuple[int, str, str], list] = {}
-    paired: dict[tuple[int, str, str], Any] = {}
-    examples: dict[str, dict[str, np.ndarray]] = {}
-    timer = _Timer()
-    t_start = time.perf_counter()
-
-    with rf.feature_pool(workers if need_feats else 1) as pool:
-        # Real images: features from the cache where possible, Inception activations.
-        for d in ts.domains:
-            refs = ts.slices[d]
-            acts, feats = [], []
-            for start in range(0, len(refs), CHUNK):
-                chunk = refs[start : start + CHUNK]
-                canv = ts.canvases(chunk)
-                if fidnet is not None:
-                    with timer("fid_real", len(chunk)):
-                        acts.append(
-                            fidmod.activations(
-                                fidnet, fidmod.to_unit(canv, window, fid_window), cancel=cancel
-                            )
+    ts, timer = run.ts, run.timer
+    for d in ts.domains:
+        acts, feats = [], []
+        for _, chunk in _chunks(ts.slices[d]):
+            canv = ts.canvases(chunk)
+            if run.fidnet is not None:
+                with timer("fid_real", len(chunk)):
+                    unit = fidmod.to_unit(canv, ts.spec.hu_window, run.fid_window)
+                    acts.append(fidmod.activations(run.fidnet, unit, cancel=cancel))
+            if run.cache is not None:
+                ids = [ts.slice_id(i) for i in chunk]
+                table, missing = run.cache.get(ids)
+                if missing:
+                    with timer("radiomics_real", len(missing)):
+                        table[missing] = rf.extract_features(
+                            canv[missing], ts.spec.hu_window, ts.spec.pixel_spacing_mm, pool=pool,
+                            cancel=cancel,
                         )
-                if cache is not None:
-                    ids = [ts.slice_id(i) for i in chunk]
-                    table, missing = cache.get(ids)
-                    if missing:
-                        with timer("radiomics_real", len(missing)):
-                            table[missing] = rf.extract_features(
-                                canv[missing], window, spacing, pool=pool, cancel=cancel
-                            )
-                        cache.put([ids[i] for i in missing], table[missing])
-                    feats.append(table)
+                    run.cache.put([ids[i] for i in missing], table[missing])
+                feats.append(table)
+            prog.step(len(chunk))
+        if acts:
+            run.real_act[d] = np.concatenate(acts)
+        if feats:
+            run.real_feat[d] = np.concatenate(feats)
+
+
+def _stream_harmonized(run: _Run, pool: Any, prog: _Progress, cancel: threading.Event | None) -> None:
+    """Every model and direction: harmonize the source slices chunk by chunk and feed every metric."""
+    for mi, h in enumerate(run.harmonizers):
+        for s, t in permutations(run.ts.domains, 2):
+            key = (mi, s, t)
+            run.harm_act[key], run.harm_feat[key], run.struct[key] = [], [], []
+            if "paired" in run.chosen:
+                from Training.evaluation.metrics.paired import PairedDirection
+
+                run.paired[key] = PairedDirection(run.ts.spec.pixel_spacing_mm, run.ts.spec.hu_window)
+            for start, chunk in _chunks(run.ts.slices[s]):
+                src = run.ts.canvases(chunk)
+                with run.timer("harmonize", len(chunk)):
+                    out = h(src, t, cancel=cancel)
+                if start == 0:
+                    ex = run.examples.setdefault(direction_name(s, t), {"before": run.ts.to_hu(src[0])})
+                    ex[run.labels[mi]] = run.ts.to_hu(out[0])
+                _measure_chunk(run, key, chunk, src, out, pool, cancel)
                 prog.step(len(chunk))
-            if acts:
-                real_act[d] = np.concatenate(acts)
-            if feats:
-                real_feat[d] = np.concatenate(feats)
-        # Harmonized images, streamed per direction.
-        for mi, h in enumerate(harmonizers):
-            for s, t in permutations(ts.domains, 2):
-                key = (mi, s, t)
-                harm_act[key], harm_feat[key], struct[key] = [], [], []
-                if "paired" in chosen:
-                    from Training.evaluation.metrics.paired import PairedDirection
 
-                    paired[key] = PairedDirection(spacing, window)
-                refs = ts.slices[s]
-                for start in range(0, len(refs), CHUNK):
-                    chunk = refs[start : start + CHUNK]
-                    src = ts.canvases(chunk)
-                    with timer("harmonize", len(chunk)):
-                        out = h(src, t, cancel=cancel)
-                    if start == 0:
-                        ex = examples.setdefault(direction_name(s, t), {"before": ts.to_hu(src[0])})
-                        ex[labels[mi]] = ts.to_hu(out[0])
-                    if fidnet is not None:
-                        with timer("fid_harmonized", len(chunk)):
-                            harm_act[key].append(
-                                fidmod.activations(
-                                    fidnet, fidmod.to_unit(out, window, fid_window), cancel=cancel
-                                )
-                            )
-                    if need_feats:
-                        with timer("radiomics_harmonized", len(chunk)):
-                            harm_feat[key].append(
-                                rf.extract_features(out, window, spacing, pool=pool, cancel=cancel)
-                            )
-                    if "structure" in chosen or "paired" in chosen:
-                        src_hu, out_hu = ts.to_hu(src), ts.to_hu(out)
-                        if "structure" in chosen:
-                            with timer("structure", len(chunk)):
-                                struct[key] += [
-                                    structure_scores(a, b, spacing)
-                                    for a, b in zip(src_hu, out_hu, strict=True)
-                                ]
-                        if "paired" in chosen:
-                            with timer("paired", len(chunk)):
-                                for ref, a, b in zip(chunk, src_hu, out_hu, strict=True):
-                                    partner = ts.partner(ref, t)
-                                    if partner is not None:
-                                        truth = ts.to_hu(ts.canvases([partner])[0])
-                                        paired[key].add(a, b, truth)
-                    prog.step(len(chunk))
 
-    # ---- numbers ------------------------------------------------------------------------------------
-    t_stats = time.perf_counter()
-    from Training.evaluation.metrics.structure import mean_scores
+def _measure_chunk(
+    run: _Run, key: tuple[int, str, str], chunk: Sequence, src: np.ndarray, out: np.ndarray, pool: Any,
+    cancel: threading.Event | None,
+) -> None:
+    """One chunk of harmonized slices into each chosen metric's accumulator for direction ``key``."""
+    from Training.evaluation.metrics import fid as fidmod
+    from Training.evaluation.metrics import radiomics_features as rf
+    from Training.evaluation.metrics.structure import structure_scores
 
+    ts, timer, t = run.ts, run.timer, key[2]
+    spacing, window = ts.spec.pixel_spacing_mm, ts.spec.hu_window
+    if run.fidnet is not None:
+        with timer("fid_harmonized", len(chunk)):
+            unit = fidmod.to_unit(out, window, run.fid_window)
+            run.harm_act[key].append(fidmod.activations(run.fidnet, unit, cancel=cancel))
+    if run.need_feats:
+        with timer("radiomics_harmonized", len(chunk)):
+            run.harm_feat[key].append(rf.extract_features(out, window, spacing, pool=pool, cancel=cancel))
+    if "structure" not in run.chosen and "paired" not in run.chosen:
+        return
+    src_hu, out_hu = ts.to_hu(src), ts.to_hu(out)
+    if "structure" in run.chosen:
+        with timer("structure", len(chunk)):
+            run.struct[key] += [structure_scores(a, b, spacing) for a, b in zip(src_hu, out_hu, strict=True)]
+    if "paired" in run.chosen:
+        with timer("paired", len(chunk)):
+            for ref, a, b in zip(chunk, src_hu, out_hu, strict=True):
+                partner = ts.partner(ref, t)
+                if partner is not None:
+                    run.paired[key].add(a, b, ts.to_hu(ts.canvases([partner])[0]))
+
+
+def _results(run: _Run) -> dict[str, Any]:
+    """results.json's numbers: per kernel pair and metric, before and per model, and the summary."""
+    ts = run.ts
     results: dict[str, Any] = {
-        "metrics": chosen,
-        "notes": notes,
+        "metrics": run.chosen,
+        "notes": run.notes,
         "domains": ts.domains,
         "pairs_order": [pair_name(a, b) for a, b in combinations(ts.domains, 2)],
         "slices_per_domain": {d: len(v) for d, v in ts.slices.items()},
@@ -331,154 +392,164 @@ def evaluate(
                 "iterations": int(h.model_file.card["training"]["iterations"]),
                 "texture_loss": h.model_file.card["training"].get("texture_loss"),
             }
-            for lab, h in zip(labels, harmonizers, strict=True)
+            for lab, h in zip(run.labels, run.harmonizers, strict=True)
         ],
         "labels": {},
         "pairs": {},
-        "summary": {lab: {} for lab in labels},
+        "summary": {lab: {} for lab in run.labels},
     }
-    if fidnet is not None:
-        results["labels"]["fid"] = fidnet.label
+    if run.fidnet is not None:
+        results["labels"]["fid"] = run.fidnet.label
         results["fid_settings"] = {
-            "weights": fidnet.weights,
-            "dims": fidnet.dims,
-            "comparable": fidnet.comparable,
-            "display_window_hu": list(fid_window or window),
+            "weights": run.fidnet.weights,
+            "dims": run.fidnet.dims,
+            "comparable": run.fidnet.comparable,
+            "display_window_hu": list(run.fid_window or ts.spec.hu_window),
             "resize": "bilinear to 299x299 (pytorch-fid)",
             "channels": "gray x3",
         }
-    if "frd" in chosen:
+    if "frd" in run.chosen:
         from Training.evaluation.metrics.frd import LABEL as FRD_LABEL
-        from Training.evaluation.metrics.frd import frechet_radiomic_distance
 
         results["labels"]["frd"] = FRD_LABEL
-    if "radiomics" in chosen:
+    if "radiomics" in run.chosen:
         results["labels"]["radiomics"] = (
             f"% of the features that differ between the real domains (Welch "
-            f"p < 0.01, {len(names)} pyradiomics features, body mask) that no "
+            f"p < 0.01, {len(run.names)} pyradiomics features, body mask) that no "
             "longer differ after harmonization; mean of both directions"
         )
+    pair_metrics = {
+        "fid": _pair_fid, "radiomics": _pair_radiomics, "frd": _pair_frd,
+        "structure": _pair_structure, "paired": _pair_paired,
+    }
     for a, b in combinations(ts.domains, 2):
         pn = pair_name(a, b)
         pr: dict[str, Any] = {}
-        dirs = [(a, b), (b, a)]
-        if fidnet is not None:
-            before = _safe_fid(real_act[a], real_act[b])
-            pr["fid"] = {"before": before, "models": {}}
-            for mi, lab in enumerate(labels):
-                per = {
-                    direction_name(s, t): _safe_fid(np.concatenate(harm_act[(mi, s, t)]), real_act[t])
-                    for s, t in dirs
-                }
-                pr["fid"]["models"][lab] = {"mean": _mean(list(per.values())), "directions": per}
-                # Test-only Inception weights: the summary keys themselves carry the warning (curves too).
-                tag = "" if fidnet.comparable else "_NOT_COMPARABLE"
-                results["summary"][lab].setdefault(pn, {}).update(
-                    {f"fid_before{tag}": before, f"fid{tag}": pr["fid"]["models"][lab]["mean"]}
-                )
-        if "radiomics" in chosen:
-            R = ra.differing_features(names, real_feat[a], real_feat[b])
-            pr["radiomics"] = {"n_features": len(names), "n_R": len(R), "R": R, "models": {}}
-            for mi, lab in enumerate(labels):
-                da = [
-                    ra.direction_alignment(
-                        names,
-                        real_feat[s],
-                        real_feat[t],
-                        np.concatenate(harm_feat[(mi, s, t)]),
-                        source=s,
-                        target=t,
-                    )
-                    for s, t in dirs
-                ]
-                mean = ra.mean_percent(da)
-                pr["radiomics"]["models"][lab] = {
-                    "mean_percent": mean,
-                    "directions": {direction_name(d.source, d.target): d.to_dict() for d in da},
-                }
-                results["summary"][lab].setdefault(pn, {})["radiomics_aligned_pct"] = mean
-        if "frd" in chosen:
-            before = frechet_radiomic_distance(real_feat[a], real_feat[b])
-            pr["frd"] = {"before": before, "models": {}}
-            for mi, lab in enumerate(labels):
-                per = {
-                    direction_name(s, t): frechet_radiomic_distance(
-                        np.concatenate(harm_feat[(mi, s, t)]), real_feat[t]
-                    )
-                    for s, t in dirs
-                }
-                pr["frd"]["models"][lab] = {"mean": _mean(list(per.values())), "directions": per}
-                results["summary"][lab].setdefault(pn, {}).update(
-                    frd_before=before, frd=pr["frd"]["models"][lab]["mean"]
-                )
-        if "structure" in chosen:
-            pr["structure"] = {"models": {}}
-            for mi, lab in enumerate(labels):
-                per = {direction_name(s, t): mean_scores(struct[(mi, s, t)]) for s, t in dirs}
-                mean = {
-                    k: _mean([p[k] for p in per.values()])
-                    for k in ("lung_dice", "structure_dice", "structure_iou", "ssim_lung")
-                }
-                mean["slices_with_lungs"] = sum(p["slices_with_lungs"] for p in per.values())
-                pr["structure"]["models"][lab] = {"mean": mean, "directions": per}
-                results["summary"][lab].setdefault(pn, {}).update(
-                    structure_dice=mean["structure_dice"], ssim_lung=mean["ssim_lung"]
-                )
-        if "paired" in chosen:
-            pr["paired"] = {"models": {}}
-            for mi, lab in enumerate(labels):
-                per = {direction_name(s, t): paired[(mi, s, t)].summary() for s, t in dirs}
-                keys = (
-                    "psnr_before",
-                    "psnr_after",
-                    "ssim_before",
-                    "ssim_after",
-                    "nps_distance_before",
-                    "nps_distance_after",
-                )
-                mean = {k: _mean([p[k] for p in per.values()]) for k in keys}
-                pr["paired"]["models"][lab] = {"mean": mean, "directions": per}
-                results["summary"][lab].setdefault(pn, {}).update(
-                    psnr_after=mean["psnr_after"],
-                    ssim_after=mean["ssim_after"],
-                    nps_distance_after=mean["nps_distance_after"],
-                )
+        for metric, fn in pair_metrics.items():
+            if metric in run.chosen:
+                pr[metric] = fn(run, a, b, results["summary"], pn)
         results["pairs"][pn] = pr
-    for lab in labels:
+    for lab in run.labels:
         rows = [v for k, v in results["summary"][lab].items() if k != "mean"]
         keys = sorted({k for r in rows for k in r})
         results["summary"][lab]["mean"] = {k: _mean([r.get(k) for r in rows]) for k in keys}
-    # Statistics: per pair and direction a 2048-d matrix square root (FID) and the Welch tests; a fixed
-    # cost that does not grow with the number of slices.
-    results["timing"] = {
-        "total_seconds": round(time.perf_counter() - t_start, 3),
-        "statistics_seconds": round(time.perf_counter() - t_stats, 3),
-        "stages": timer.to_dict(),
-    }
-    results["provenance"] = {
+    return results
+
+
+def _both(a: str, b: str) -> list[tuple[str, str]]:
+    return [(a, b), (b, a)]
+
+
+def _pair_fid(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
+    before = _safe_fid(run.real_act[a], run.real_act[b])
+    out: dict[str, Any] = {"before": before, "models": {}}
+    # Test-only Inception weights: the summary keys themselves carry the warning (curves too).
+    tag = "" if run.fidnet.comparable else "_NOT_COMPARABLE"
+    for mi, lab in enumerate(run.labels):
+        per = {
+            direction_name(s, t): _safe_fid(np.concatenate(run.harm_act[(mi, s, t)]), run.real_act[t])
+            for s, t in _both(a, b)
+        }
+        out["models"][lab] = {"mean": _mean(list(per.values())), "directions": per}
+        summary[lab].setdefault(pn, {}).update(
+            {f"fid_before{tag}": before, f"fid{tag}": out["models"][lab]["mean"]}
+        )
+    return out
+
+
+def _pair_radiomics(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
+    from Training.evaluation.metrics import radiomics_alignment as ra
+
+    R = ra.differing_features(run.names, run.real_feat[a], run.real_feat[b])
+    out: dict[str, Any] = {"n_features": len(run.names), "n_R": len(R), "R": R, "models": {}}
+    for mi, lab in enumerate(run.labels):
+        da = [
+            ra.direction_alignment(
+                run.names, run.real_feat[s], run.real_feat[t], np.concatenate(run.harm_feat[(mi, s, t)]),
+                source=s, target=t,
+            )
+            for s, t in _both(a, b)
+        ]
+        mean = ra.mean_percent(da)
+        out["models"][lab] = {
+            "mean_percent": mean,
+            "directions": {direction_name(d.source, d.target): d.to_dict() for d in da},
+        }
+        summary[lab].setdefault(pn, {})["radiomics_aligned_pct"] = mean
+    return out
+
+
+def _pair_frd(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
+    from Training.evaluation.metrics.frd import frechet_radiomic_distance
+
+    before = frechet_radiomic_distance(run.real_feat[a], run.real_feat[b])
+    out: dict[str, Any] = {"before": before, "models": {}}
+    for mi, lab in enumerate(run.labels):
+        per = {
+            direction_name(s, t): frechet_radiomic_distance(
+                np.concatenate(run.harm_feat[(mi, s, t)]), run.real_feat[t]
+            )
+            for s, t in _both(a, b)
+        }
+        out["models"][lab] = {"mean": _mean(list(per.values())), "directions": per}
+        summary[lab].setdefault(pn, {}).update(frd_before=before, frd=out["models"][lab]["mean"])
+    return out
+
+
+def _pair_structure(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
+    from Training.evaluation.metrics.structure import mean_scores
+
+    out: dict[str, Any] = {"models": {}}
+    for mi, lab in enumerate(run.labels):
+        per = {direction_name(s, t): mean_scores(run.struct[(mi, s, t)]) for s, t in _both(a, b)}
+        mean = {
+            k: _mean([p[k] for p in per.values()])
+            for k in ("lung_dice", "structure_dice", "structure_iou", "ssim_lung")
+        }
+        mean["slices_with_lungs"] = sum(p["slices_with_lungs"] for p in per.values())
+        out["models"][lab] = {"mean": mean, "directions": per}
+        summary[lab].setdefault(pn, {}).update(
+            structure_dice=mean["structure_dice"], ssim_lung=mean["ssim_lung"]
+        )
+    return out
+
+
+_PAIRED_KEYS = ("psnr_before", "psnr_after", "ssim_before", "ssim_after", "nps_distance_before",
+                "nps_distance_after")
+
+
+def _pair_paired(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
+    out: dict[str, Any] = {"models": {}}
+    for mi, lab in enumerate(run.labels):
+        per = {direction_name(s, t): run.paired[(mi, s, t)].summary() for s, t in _both(a, b)}
+        mean = {k: _mean([p[k] for p in per.values()]) for k in _PAIRED_KEYS}
+        out["models"][lab] = {"mean": mean, "directions": per}
+        summary[lab].setdefault(pn, {}).update(
+            psnr_after=mean["psnr_after"], ssim_after=mean["ssim_after"],
+            nps_distance_after=mean["nps_distance_after"],
+        )
+    return out
+
+
+def _provenance(run: _Run, max_slices_per_domain: int | None) -> dict[str, Any]:
+    from Training.evaluation.metrics import radiomics_features as rf
+
+    ts = run.ts
+    return {
         "dataset": str(Path(ts.root).resolve()),
         "split": "test",
         "simulated": ts.simulated,
         "dataset_json": ts.info,
         "preprocessing": ts.spec.to_dict(),
         "max_slices_per_domain": max_slices_per_domain,
-        "directions": n_dir,
+        "directions": len(ts.domains) * (len(ts.domains) - 1),
         "radiomics_params": str(rf.PARAMS_PATH),
         "radiomics_mask": rf.MASK_VERSION,
-        "radiomics_cache": str(cache.path) if cache is not None else None,
+        "radiomics_cache": str(run.cache.path) if run.cache is not None else None,
         "packages": _package_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
-    if any(not h.trained for h in harmonizers):
-        results["notes"].append(f"model(s) marked {UNTRAINED}: numbers exercise the pipeline, not the method")
-    if fidnet is not None and not fidnet.comparable:
-        results["notes"].append(f"FID values are {fidmod.NOT_COMPARABLE}")
-    if out_dir is not None:
-        from Training.evaluation.metrics.report import write_outputs
-
-        write_outputs(Path(out_dir), results, examples if figures else {}, paired_raw=paired, labels=labels)
-    return results
 
 
 def _safe_fid(a: np.ndarray, b: np.ndarray) -> float | None:

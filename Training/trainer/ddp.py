@@ -84,10 +84,6 @@ def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 @contextlib.contextmanager
 def no_sync(*modules: nn.Module) -> Iterator[None]:
     """Skip the gradient all-reduce of networks whose gradients this step throws away (e.g. D in a G step)."""

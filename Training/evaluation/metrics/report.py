@@ -161,14 +161,7 @@ def save_comparison_figures(
     return names
 
 
-def write_outputs(
-    out_dir: Path,
-    results: dict,
-    examples: dict[str, dict[str, np.ndarray]],
-    *,
-    paired_raw: Any = None,
-    labels: list[str] | None = None,
-) -> dict[str, str]:
+def write_outputs(out_dir: Path, results: dict, examples: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
     """Write every table, figures, report.md and results.json into ``out_dir``; returns {what: file}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
