@@ -147,6 +147,63 @@ def _scale_bar(ax, length_px: float, label: str, image_shape: tuple[int, int]) -
     ax.plot([x0, x0 + length_px], [y, y], color="white", lw=2.5, solid_capstyle="butt")
 
 
+def _as_images(
+    before_hu: np.ndarray, after_hu: np.ndarray | Sequence[np.ndarray], titles: Sequence[str]
+) -> tuple[list[np.ndarray], list[str]]:
+    """[before, *afters] as float32 slices of one shape, with one title each."""
+    before = np.asarray(before_hu, dtype=np.float32)
+    afters = [np.asarray(after_hu, dtype=np.float32)] if np.ndim(after_hu) == 2 else \
+        [np.asarray(a, dtype=np.float32) for a in after_hu]
+    if before.ndim != 2:
+        raise ValueError(f"before_hu must be one slice (rows, cols), got shape {before.shape}")
+    for a in afters:
+        if a.shape != before.shape:
+            raise ValueError(f"after slice shape {a.shape} differs from before {before.shape}")
+    images, titles = [before, *afters], list(titles)
+    if len(titles) != len(images):
+        raise ValueError(f"{len(images)} images but {len(titles)} titles; give one title per image")
+    return images, titles
+
+
+def _draw_difference(fig, ax, diff: np.ndarray, dlim: float, aspect: float, label: str) -> None:
+    im = ax.imshow(diff, cmap=_DIFF_CMAP, vmin=-dlim, vmax=dlim, aspect=aspect, interpolation="nearest")
+    cax = ax.inset_axes((0.2, 0.04, 0.6, 0.03))
+    cb = fig.colorbar(im, cax=cax, orientation="horizontal")
+    cb.set_label("change (HU)", color=_FG, fontsize=7, labelpad=3)
+    cb.ax.tick_params(colors=_FG, labelsize=7)
+    cb.outline.set_edgecolor(_FG)
+    # Ticks and label above the bar: below it they would fall off the panel's bottom edge.
+    cax.xaxis.set_ticks_position("top")
+    cax.xaxis.set_label_position("top")
+    ax.set_title(f"Difference ({label if len(label) < 32 else 'after - before'})", color=_FG, fontsize=10)
+
+
+def _draw_zoom(zax, roi: ROI, img: np.ndarray, window: tuple[float, float], aspect: float,
+               diff_limit: float | None, label_mm: float | None | bool) -> None:
+    """One zoomed ROI panel; ``diff_limit`` set for the difference column; ``label_mm`` False: no ROI label,
+    None: a label without size, else the ROI's side in mm."""
+    box = {"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.5}
+    crop = roi.crop(img)
+    if diff_limit is not None:
+        zax.imshow(crop, cmap=_DIFF_CMAP, vmin=-diff_limit, vmax=diff_limit, aspect=aspect,
+                   interpolation="nearest")
+        text = f"mean {crop.mean():+.1f} HU, SD {crop.std():.1f} HU"
+    else:
+        zlo, zhi = roi.window or window
+        zax.imshow(crop, cmap="gray", vmin=zlo, vmax=zhi, aspect=aspect, interpolation="nearest")
+        text = f"mean {crop.mean():.0f} HU, SD {crop.std():.1f} HU"
+        if label_mm is not False:
+            side = f", {label_mm:.0f} mm" if label_mm is not None else ""
+            zax.text(0.02, 0.98, f"ROI {roi.label}{side}  ({_window_name((zlo, zhi))})",
+                     transform=zax.transAxes, color=_FG, fontsize=8, va="top", bbox=box)
+    zax.text(0.02, 0.02, text, transform=zax.transAxes, color=_FG, fontsize=8, va="bottom", bbox=box)
+    zax.set_xticks([])
+    zax.set_yticks([])
+    for spine in zax.spines.values():
+        spine.set_edgecolor(_ROI_COLOR)
+        spine.set_linewidth(1.6)
+
+
 def save_comparison_png(
     path: str | os.PathLike,
     before_hu: np.ndarray,
@@ -176,18 +233,8 @@ def save_comparison_png(
 
     from .fileio import atomic_output
 
-    before = np.asarray(before_hu, dtype=np.float32)
-    afters = [np.asarray(after_hu, dtype=np.float32)] if np.ndim(after_hu) == 2 else \
-        [np.asarray(a, dtype=np.float32) for a in after_hu]
-    if before.ndim != 2:
-        raise ValueError(f"before_hu must be one slice (rows, cols), got shape {before.shape}")
-    for a in afters:
-        if a.shape != before.shape:
-            raise ValueError(f"after slice shape {a.shape} differs from before {before.shape}")
-    images = [before, *afters]
-    titles = list(titles)
-    if len(titles) != len(images):
-        raise ValueError(f"{len(images)} images but {len(titles)} titles; give one title per image")
+    images, titles = _as_images(before_hu, after_hu, titles)
+    before = images[0]
     roi_list = _as_rois(rois, before, pixel_spacing)
     sx, sy = (float(pixel_spacing[0]), float(pixel_spacing[1])) if pixel_spacing is not None else (1.0, 1.0)
     aspect = sy / sx
@@ -211,19 +258,7 @@ def save_comparison_png(
         img = diff if is_diff else images[j]
         ax = fig.add_subplot(gs[0, j])
         if is_diff:
-            im = ax.imshow(img, cmap=_DIFF_CMAP, vmin=-dlim, vmax=dlim, aspect=aspect,
-                           interpolation="nearest")
-            cax = ax.inset_axes((0.2, 0.04, 0.6, 0.03))
-            cb = fig.colorbar(im, cax=cax, orientation="horizontal")
-            cb.set_label("change (HU)", color=_FG, fontsize=7, labelpad=3)
-            cb.ax.tick_params(colors=_FG, labelsize=7)
-            cb.outline.set_edgecolor(_FG)
-            # Ticks and label above the bar: below it they would fall off the panel's bottom edge.
-            cax.xaxis.set_ticks_position("top")
-            cax.xaxis.set_label_position("top")
-            label = f"{titles[-1]} - {titles[0]}"
-            ax.set_title(f"Difference ({label if len(label) < 32 else 'after - before'})", color=_FG,
-                         fontsize=10)
+            _draw_difference(fig, ax, img, dlim, aspect, f"{titles[-1]} - {titles[0]}")
         else:
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
             ax.set_title(titles[j], color=_FG, fontsize=11, fontweight="bold")
@@ -239,28 +274,9 @@ def save_comparison_png(
             _scale_bar(ax, bar_mm / sx, f"{bar_mm:.0f} mm", before.shape)
         ax.set_axis_off()
         for i, roi in enumerate(roi_list, start=1):
-            zax = fig.add_subplot(gs[i, j])
-            crop = roi.crop(img)
-            if is_diff:
-                zax.imshow(crop, cmap=_DIFF_CMAP, vmin=-dlim, vmax=dlim, aspect=aspect,
-                           interpolation="nearest")
-                text = f"mean {crop.mean():+.1f} HU, SD {crop.std():.1f} HU"
-            else:
-                zlo, zhi = roi.window or window
-                zax.imshow(crop, cmap="gray", vmin=zlo, vmax=zhi, aspect=aspect, interpolation="nearest")
-                text = f"mean {crop.mean():.0f} HU, SD {crop.std():.1f} HU"
-                if j == 0:
-                    side = f", {roi.size * sx:.0f} mm" if pixel_spacing is not None else ""
-                    zax.text(0.02, 0.98, f"ROI {roi.label}{side}  ({_window_name((zlo, zhi))})",
-                             transform=zax.transAxes, color=_FG, fontsize=8, va="top",
-                             bbox={"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.5})
-            zax.text(0.02, 0.02, text, transform=zax.transAxes, color=_FG, fontsize=8, va="bottom",
-                     bbox={"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.5})
-            zax.set_xticks([])
-            zax.set_yticks([])
-            for spine in zax.spines.values():
-                spine.set_edgecolor(_ROI_COLOR)
-                spine.set_linewidth(1.6)
+            side_mm = roi.size * sx if pixel_spacing is not None else None
+            _draw_zoom(fig.add_subplot(gs[i, j]), roi, img, window, aspect, dlim if is_diff else None,
+                       label_mm=side_mm if j == 0 else False)
     if suptitle:
         fig.suptitle(suptitle, color=_FG, fontsize=12)
     out = Path(path)

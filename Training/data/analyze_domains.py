@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from TextureStarGANCore.fileio import atomic_output, write_text_atomic
+from TextureStarGANCore.fileio import atomic_output, write_json_atomic, write_text_atomic
 from TextureStarGANCore.masks import body_mask
 from Training.evaluation.metrics.radiomics_features import MIN_MASK_PIXELS, feature_names, slice_features
 
@@ -211,60 +211,11 @@ def analyze_domains(
 ) -> dict:
     """Run the analysis (see the module docstring); returns the summary dict also written as JSON."""
     from sklearn.decomposition import PCA
-    from sklearn.metrics import adjusted_rand_score
 
     dataset, out = Path(dataset), Path(out)
-    if not (dataset / "manifest.csv").is_file():
-        raise AnalysisError(
-            f"{dataset} is not a prepared dataset (no manifest.csv); run python -m Training.prepare first"
-        )
-    if slices_per_series < 1 or workers < 1:
-        raise AnalysisError("--slices-per-series and --workers must be at least 1")
-    if out.exists() and not out.is_dir():
-        raise AnalysisError(f"--out {out} is a file; give a folder")
-    if not out.parent.is_dir():
-        raise AnalysisError(f"the parent folder of --out ({out.parent}) does not exist; create it first")
-    info = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").is_file() else {}
-    spec = json.loads((dataset / "preprocessing.json").read_text())
-    series = _series_factors(dataset, info)
-    if split is not None:
-        series = {k: v for k, v in series.items() if v["split"] == split}
-    if len(series) < 3:
-        raise AnalysisError(
-            f"{dataset} has {len(series)} series{' in split ' + split if split else ''}; "
-            "at least 3 are needed to compare acquisition factors"
-        )
-    tasks = []
-    for uid, s in sorted(series.items()):
-        rows = sorted(s["rows"])
-        pick = np.unique(np.linspace(0, len(rows) - 1, min(slices_per_series, len(rows))).round().astype(int))
-        tasks.append(
-            {
-                "series_uid": uid,
-                "array": str(dataset / "arrays" / s["array"]),
-                "rows": [rows[i] for i in pick],
-                "spec": spec,
-            }
-        )
+    series, tasks = _plan(dataset, out, slices_per_series, workers, split)
     started = time.time()
-    results: list[dict] = []
-
-    def collect(res: dict) -> None:
-        results.append(res)
-        if progress:
-            progress(len(results), len(tasks))
-        if cancel is not None and cancel.is_set():
-            raise AnalysisCancelled("domain analysis cancelled; no report was written")
-
-    if workers == 1:
-        for t in tasks:
-            collect(extract_series_features(t))
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for res in pool.imap_unordered(extract_series_features, tasks):
-                collect(res)
+    results = _extract_all(tasks, workers, progress, cancel)
     failed = {r["series_uid"]: r["error"] for r in results if "error" in r}
     ok = sorted((r for r in results if "features" in r), key=lambda r: r["series_uid"])
     if len(ok) < 3:
@@ -283,56 +234,7 @@ def analyze_domains(
         for m, row in zip(meta, x, strict=True)
     ]
     write_text_atomic(out / "features.csv", _csv_text(feat_rows))
-
-    effect_rows, cluster_rows, partitions = [], [], {}
-    for factor in FACTORS:
-        labels = [str(m[factor]) for m in meta]
-        n_groups = len(set(labels))
-        partitions[factor] = labels
-        if n_groups < 2 or n_groups >= len(meta):
-            effect_rows.append(
-                {
-                    "factor": factor,
-                    "groups": n_groups,
-                    "median_eta2": "",
-                    "median_epsilon2": "",
-                    "top_features": "",
-                    "note": "not testable (one group, or one series per group)",
-                }
-            )
-            continue
-        eta = eta_squared(z, labels)
-        eps = eta_squared(z, labels, adjusted=True)
-        top = np.argsort(eps)[::-1][:5]
-        effect_rows.append(
-            {
-                "factor": factor,
-                "groups": n_groups,
-                "median_eta2": round(float(np.median(eta)), 4),
-                "median_epsilon2": round(float(np.median(eps)), 4),
-                "top_features": "; ".join(f"{names[i]} ({eps[i]:.2f})" for i in top),
-                "note": "",
-            }
-        )
-        if factor != "patient":
-            cluster_rows.append(
-                {
-                    "factor": factor,
-                    "k": n_groups,
-                    "adjusted_rand_index": round(_kmeans_ari(z, labels, seed), 4),
-                }
-            )
-    # Factors that split the series identically cannot be told apart on this data.
-    testable = [f for f in FACTORS if 1 < len(set(partitions[f])) < len(meta)]
-    confounded = []
-    for i, a in enumerate(testable):
-        for b in testable[i + 1 :]:
-            if adjusted_rand_score(partitions[a], partitions[b]) > 0.999:
-                confounded.append((a, b))
-    for row in effect_rows:
-        same = [b if a == row["factor"] else a for a, b in confounded if row["factor"] in (a, b)]
-        if same:
-            row["note"] = (row["note"] + " " if row["note"] else "") + "confounded with " + ", ".join(same)
+    effect_rows, cluster_rows, confounded = _factor_effects(z, meta, names, seed)
     write_text_atomic(out / "effect_sizes.csv", _csv_text(effect_rows))
     write_text_atomic(
         out / "clustering.csv",
@@ -361,9 +263,119 @@ def analyze_domains(
         "seconds": round(time.time() - started, 1),
         "recommended_factor": best["factor"] if best else None,
     }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_json_atomic(out / "summary.json", summary, indent=2)
     write_text_atomic(out / "summary.md", _summary_md(summary, ranked, ari, dataset))
     return summary
+
+
+def _plan(
+    dataset: Path, out: Path, slices_per_series: int, workers: int, split: str | None
+) -> tuple[dict[str, dict], list[dict]]:
+    """Check the request; the series (with their acquisition factors) and one extraction task per series."""
+    if not (dataset / "manifest.csv").is_file():
+        raise AnalysisError(
+            f"{dataset} is not a prepared dataset (no manifest.csv); run python -m Training.prepare first"
+        )
+    if slices_per_series < 1 or workers < 1:
+        raise AnalysisError("--slices-per-series and --workers must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise AnalysisError(f"the parent folder of --out ({out.parent}) does not exist; create it first")
+    info = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").is_file() else {}
+    spec = json.loads((dataset / "preprocessing.json").read_text())
+    series = _series_factors(dataset, info)
+    if split is not None:
+        series = {k: v for k, v in series.items() if v["split"] == split}
+    if len(series) < 3:
+        raise AnalysisError(
+            f"{dataset} has {len(series)} series{' in split ' + split if split else ''}; "
+            "at least 3 are needed to compare acquisition factors"
+        )
+    tasks = []
+    for uid, s in sorted(series.items()):
+        rows = sorted(s["rows"])
+        pick = np.unique(np.linspace(0, len(rows) - 1, min(slices_per_series, len(rows))).round().astype(int))
+        tasks.append(
+            {"series_uid": uid, "array": str(dataset / "arrays" / s["array"]),
+             "rows": [rows[i] for i in pick], "spec": spec}
+        )
+    return series, tasks
+
+
+def _extract_all(
+    tasks: list[dict], workers: int, progress: Callable[[int, int], None] | None,
+    cancel: threading.Event | None,
+) -> list[dict]:
+    results: list[dict] = []
+
+    def collect(res: dict) -> None:
+        results.append(res)
+        if progress:
+            progress(len(results), len(tasks))
+        if cancel is not None and cancel.is_set():
+            raise AnalysisCancelled("domain analysis cancelled; no report was written")
+
+    if workers == 1:
+        for t in tasks:
+            collect(extract_series_features(t))
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for res in pool.imap_unordered(extract_series_features, tasks):
+                collect(res)
+    return results
+
+
+def _factor_effects(
+    z: np.ndarray, meta: list[dict], names: list[str], seed: int
+) -> tuple[list[dict], list[dict], list[tuple[str, str]]]:
+    """Per acquisition factor: effect sizes (eta^2, epsilon^2), k-means agreement, and confounded pairs."""
+    from sklearn.metrics import adjusted_rand_score
+
+    effect_rows, cluster_rows, partitions = [], [], {}
+    for factor in FACTORS:
+        labels = [str(m[factor]) for m in meta]
+        n_groups = len(set(labels))
+        partitions[factor] = labels
+        if n_groups < 2 or n_groups >= len(meta):
+            effect_rows.append(
+                {"factor": factor, "groups": n_groups, "median_eta2": "", "median_epsilon2": "",
+                 "top_features": "", "note": "not testable (one group, or one series per group)"}
+            )
+            continue
+        eta = eta_squared(z, labels)
+        eps = eta_squared(z, labels, adjusted=True)
+        top = np.argsort(eps)[::-1][:5]
+        effect_rows.append(
+            {
+                "factor": factor,
+                "groups": n_groups,
+                "median_eta2": round(float(np.median(eta)), 4),
+                "median_epsilon2": round(float(np.median(eps)), 4),
+                "top_features": "; ".join(f"{names[i]} ({eps[i]:.2f})" for i in top),
+                "note": "",
+            }
+        )
+        if factor != "patient":
+            cluster_rows.append(
+                {"factor": factor, "k": n_groups,
+                 "adjusted_rand_index": round(_kmeans_ari(z, labels, seed), 4)}
+            )
+    # Factors that split the series identically cannot be told apart on this data.
+    testable = [f for f in FACTORS if 1 < len(set(partitions[f])) < len(meta)]
+    confounded = [
+        (a, b)
+        for i, a in enumerate(testable)
+        for b in testable[i + 1 :]
+        if adjusted_rand_score(partitions[a], partitions[b]) > 0.999
+    ]
+    for row in effect_rows:
+        same = [b if a == row["factor"] else a for a, b in confounded if row["factor"] in (a, b)]
+        if same:
+            row["note"] = (row["note"] + " " if row["note"] else "") + "confounded with " + ", ".join(same)
+    return effect_rows, cluster_rows, confounded
 
 
 def _summary_md(summary: dict, ranked: list[dict], ari: dict, dataset: Path) -> str:
