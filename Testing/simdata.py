@@ -1,4 +1,4 @@
-"""Tiny simulated DICOM trees shared by the data-pipeline tests (issue 4).
+"""Tiny simulated DICOM trees shared by the data-pipeline tests.
 
 ``shared_sim_tree()`` simulates once per test process (into a temporary folder removed at exit) so the
 simulator, preparation and dataset tests do not each pay for it. Tests must not modify it.

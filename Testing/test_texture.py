@@ -1,4 +1,4 @@
-"""Tests of the multi-scale texture loss (issue 3): exact closed form, GLCM conventions, gradients,
+"""Tests of the multi-scale texture loss: exact closed form, GLCM conventions, gradients,
 aggregation constraints, batch independence, mixed precision."""
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def test_config_file_overrides_and_yaml_exponent(tmp_path):
 @pytest.mark.parametrize("name", ["paper.yaml", "cpu_demo.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / name)
-    if name == "paper.yaml":  # the paper's setting (REFERENCE section 1 / 3)
+    if name == "paper.yaml":  # the paper's setting
         assert (cfg.model.img_size, cfg.train.batch_size, cfg.train.total_iters) == (512, 8, 100000)
         t = cfg.train
         assert (t.lr, t.mapping_lr, t.beta1, t.beta2, t.weight_decay) == (1e-4, 1e-6, 0.0, 0.99, 1e-4)

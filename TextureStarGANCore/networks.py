@@ -1,7 +1,8 @@
 """StarGAN v2 networks for single-channel CT slices: generator, mapping network, style encoder, discriminator.
 
-Follows the StarGAN v2 reference configuration (REFERENCE.md section 3) with 1 input / output channel and
-without the face-specific high-pass / landmark masks (w_hpf = 0). All sizes come from `ModelConfig`.
+Follows the StarGAN v2 reference configuration (Choi et al., CVPR 2020, and its official defaults) with
+1 input / output channel and without the face-specific high-pass / landmark masks (w_hpf = 0). All sizes
+come from `ModelConfig`.
 """
 
 from __future__ import annotations

@@ -291,7 +291,7 @@ class _ContrastGrid(torch.autograd.Function):
 class MultiScaleTextureExtractor(nn.Module):
     """Grid T of soft-GLCM contrasts (eqs. 9-10): (B, 1, H, W) -> (B, len(distances), len(angles)).
 
-    Exact closed form (REFERENCE section 2). Since sum_ij (i - j)^2 a_i(p) a_j(q) expands into products of
+    Exact closed form (derived below). Since sum_ij (i - j)^2 a_i(p) a_j(q) expands into products of
     per-pixel sums, with W = sum_k a_k, M1 = sum_k k a_k, M2 = sum_k k^2 a_k and q = p + offset:
         contrast = sum_p [M2(p) W(q) + W(p) M2(q) - 2 M1(p) M1(q)] / sum_p W(p) W(q).
     - The moments cost O(H*W), whatever the number of levels: in closed form (Poisson summation, exact to

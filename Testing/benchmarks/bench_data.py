@@ -1,4 +1,4 @@
-"""Benchmark of the data pipeline (issue 4): simulator slices/s (full FBP vs fast path) and prepare
+"""Benchmark of the data pipeline: simulator slices/s (full FBP vs fast path) and prepare
 with 1 and 2 workers. Ratios are measured in one run on the same machine.
 
     .venv/bin/python Testing/benchmarks/bench_data.py [--sim-tree /work/data/sim_ct] [--out results/data.md]
@@ -123,7 +123,7 @@ def _write_markdown(path: Path, r: dict) -> None:
     runs = p["runs"]
     one, two = runs[1], runs[2]
     lines = [
-        "# Data pipeline benchmark (issue 4)",
+        "# Data pipeline benchmark",
         "",
         f"Machine: {r['machine']}, no GPU; shared with ~7 other engineers' jobs during the run (load average "
         f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after, on 2 cores), so absolute times "

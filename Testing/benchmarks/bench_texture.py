@@ -1,4 +1,4 @@
-"""Benchmark of the multi-scale texture loss (issue 3): fast closed form vs explicit soft GLCM, and the loss
+"""Benchmark of the multi-scale texture loss: fast closed form vs explicit soft GLCM, and the loss
 against one paper-size generator forward + backward.
 
 Every case runs in a fresh subprocess, so its peak resident memory (getrusage ru_maxrss) is its own; the
@@ -146,7 +146,7 @@ def _report(results: list[dict], threads: int, started: str) -> str:
     import torch
 
     lines = [
-        "# Texture loss benchmark (issue 3)", "",
+        "# Texture loss benchmark", "",
         f"Measured {started} with `Testing/benchmarks/bench_texture.py`, torch {torch.__version__}, "
         f"{threads} torch thread(s) per case, each case in a fresh process.",
         f"Machine: {_machine()}. The machine was shared with other engineers' jobs while this ran, so "

@@ -1,6 +1,6 @@
 """The StarGAN v2 training loop (baseline and texture-aware share it; the config switches the texture loss).
 
-Per iteration (REFERENCE.md section 3): discriminator step with a latent-guided fake, discriminator step with
+Per iteration (the StarGAN v2 schedule): discriminator step with a latent-guided fake, discriminator step with
 a reference-guided fake (both with R1), generator step (latent-guided) updating G, F and E, generator step
 (reference-guided) updating G; then the EMA copies of G, F, E. With the texture loss on, L_txt(x_real, x_rec)
 enters both generator steps and the aggregation's parameters get their own optimizer step after each

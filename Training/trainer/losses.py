@@ -1,4 +1,4 @@
-"""StarGAN v2 objectives (REFERENCE.md section 3) plus the paper's texture loss on (x_real, x_rec).
+"""StarGAN v2 objectives (Choi et al. 2020) plus the paper's texture loss on (x_real, x_rec).
 
 One code path for the baseline and the texture-aware model: `texture` is None for the baseline.
 Each function returns the total loss to back-propagate and a dict of detached terms for logging.

@@ -1,4 +1,4 @@
-"""Evaluation metrics for CT kernel harmonization (issue 6).
+"""Evaluation metrics for CT kernel harmonization.
 
 One module per measurement: ``fid`` (Table I), ``radiomics_features`` + ``radiomics_alignment`` (Table II),
 ``welch`` (the statistical decision both use), ``structure`` (lung structure preservation), ``frd``
