@@ -1,4 +1,4 @@
-"""A tiny prepared dataset (the layout Training.prepare writes) for evaluation tests: phantom slices, three emulated kernels.
+"""A tiny prepared dataset (as Training.prepare writes it) for evaluation tests: phantom slices, 3 kernels.
 
 Anatomy comes from the simulator's ``Training.simulator.phantom``; kernels are a cheap image-domain emulation
 (Gaussian blur for sharpness + Gaussian-filtered noise for the noise texture) so that the test stays fast.

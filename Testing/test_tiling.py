@@ -170,7 +170,7 @@ def test_canvas_harmonizer_uses_the_same_tiling(tiled_model):
         whole = run_generator_tiled(ch.generator, torch.from_numpy(canv)[:, None], ch.styles[2:3], None)
     assert np.abs(out - whole[:, 0].clamp(-1, 1).numpy()).max() > 1e-2  # not the whole-canvas result
     # Datasets never carry tile_size: the canvas geometry alone must match.
-    ch.check_compatible(SPEC_128, [d.name for d in ch.domains])
+    ch.check_compatible(SPEC_128, ch.domains)
     with pytest.raises(ValueError, match="differs"):
         ch.check_compatible(PreprocessSpec(canvas_size=128, pixel_spacing_mm=2.0), ["BONE"])
 

@@ -23,24 +23,14 @@ import torch
 from scipy import ndimage
 
 from TextureStarGANCore.fileio import write_json_atomic, write_text_atomic
-from TextureStarGANCore.inference import run_generator_tiled
 from TextureStarGANCore.masks import body_mask
-from TextureStarGANCore.model_file import instantiate, load_model_file
 from TextureStarGANCore.preprocessing import unit_to_hu
 from Training.data.dataset import CTSliceDataset, paired_slices
+from Training.evaluation.metrics.harmonize import CanvasHarmonizer
 from Training.evaluation.metrics.paired import PairedDirection, roi_size, uniform_roi_centers
 
 HP_SIGMA_MM = 1.5  # high-pass: image minus its Gaussian blur at this sigma
 LP_SIGMA_MM = 3.0  # low-pass structure scale
-
-
-@torch.inference_mode()
-def run_generator(gen: torch.nn.Module, canvas: np.ndarray, style: torch.Tensor,
-                  tile: int | None) -> np.ndarray:
-    """G(canvas, style) on the whole canvas, or on overlapping tiles blended without seams (the engine's
-    ``run_generator_tiled``, as inference does)."""
-    x = torch.from_numpy(np.ascontiguousarray(canvas, np.float32))[None, None]
-    return run_generator_tiled(gen, x, style[None], tile)[0, 0].numpy()
 
 
 def hf_noise_sd(hu: np.ndarray, centers: list[tuple[int, int]], size: int, spacing: float) -> float | None:
@@ -65,12 +55,10 @@ def check(models: list[Path], data: Path, out: Path, per_domain: int, tiled: boo
     out.mkdir(parents=True, exist_ok=True)
     pairs = [(k, paired_slices(ds, *k)) for k in keys]
     for mpath in models:
-        mf = load_model_file(mpath)
-        gen = instantiate(mf)["generator"]
-        styles = mf.domain_styles
+        runner = CanvasHarmonizer(mpath, batch_size=1)
         modes = {"full canvas": None}
         if tiled:
-            modes[f"tiled {mf.config.img_size}"] = mf.config.img_size
+            modes[f"tiled {runner.model_file.config.img_size}"] = runner.model_file.config.img_size
         for mode, tile in modes.items():
             label = f"{Path(mpath).name} [{mode}]"
             per_dir = {}
@@ -85,9 +73,7 @@ def check(models: list[Path], data: Path, out: Path, per_domain: int, tiled: boo
                     for _, slices in pairs:
                         src = unit_to_hu(slices[a], spec)
                         tru = unit_to_hu(slices[b], spec)
-                        bi = [d.name for d in mf.domains].index(b)
-                        g_out = run_generator(gen, slices[a], styles[bi], tile)
-                        har = unit_to_hu(np.clip(g_out, -1, 1), spec)
+                        har = unit_to_hu(runner(slices[a][None], b, tile=tile)[0], spec)
                         acc.add(src, har, tru)
                         size = roi_size(sp, tru.shape[-1])
                         centers = uniform_roi_centers(tru, sp, size)

@@ -46,7 +46,12 @@ class CanvasHarmonizer:
         self.sha256 = file_sha256(self.path)
 
     @property
-    def domains(self) -> list[Domain]:
+    def domains(self) -> list[str]:
+        """Domain names, as ``Harmonizer.domains``."""
+        return [d.name for d in self.model_file.domains]
+
+    @property
+    def domain_info(self) -> list[Domain]:
         return list(self.model_file.domains)
 
     @property
@@ -83,8 +88,15 @@ class CanvasHarmonizer:
         target: str | int,
         progress: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
+        *,
+        tile: int | None | str = "model",
     ) -> np.ndarray:
-        """Harmonize canvases (N, S, S) in [-1, 1] to ``target``; float32 canvases in [-1, 1]."""
+        """Harmonize canvases (N, S, S) in [-1, 1] to ``target``; float32 canvases in [-1, 1].
+
+        ``tile``: "model" runs as inference does (the card's tile size); None the whole canvas at once; an
+        int overlapping tiles of that size (diagnostics compare the two).
+        """
+        tile = self.spec.tile_size if tile == "model" else tile
         canvases = np.asarray(canvases)
         if canvases.ndim != 3:
             raise ValueError(f"expected canvases (N, S, S), got shape {canvases.shape}")
@@ -96,7 +108,7 @@ class CanvasHarmonizer:
                 raise InterruptedError(f"harmonization cancelled after {start} of {n} slices")
             x = torch.from_numpy(np.ascontiguousarray(canvases[start : start + self.batch_size], np.float32))
             x = x.to(self.device)[:, None]
-            y = run_generator_tiled(self.generator, x, style, self.spec.tile_size)
+            y = run_generator_tiled(self.generator, x, style, tile)
             out[start : start + len(x)] = y[:, 0].clamp(-1.0, 1.0).float().cpu().numpy()
             if progress is not None:
                 progress(min(start + self.batch_size, n), n)
