@@ -32,6 +32,7 @@ NOTES_MARKER = "<!-- notes: kept across re-runs -->"
 LAYOUTS = {"cf": "contiguous", "cl": "channels_last"}
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "Testing"))
+from TextureStarGANCore.fileio import write_text_atomic  # noqa: E402
 
 
 def _matmul_gflops(torch, n: int, repeats: int) -> float:
@@ -243,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         # Hand-written analysis below the marker survives a re-run; only the measured part is replaced.
         if RESULTS.exists() and NOTES_MARKER in RESULTS.read_text():
             text += "\n" + NOTES_MARKER + RESULTS.read_text().split(NOTES_MARKER, 1)[1]
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESULTS.with_suffix(".md.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, RESULTS)
+        write_text_atomic(RESULTS, text)
         print(f"wrote {RESULTS}")
     return 0
 

@@ -20,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from machine import cpu_name  # Testing/benchmarks/machine.py (benchmarks run as
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from TextureStarGANCore.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
 # (case, batch, size, repetitions, timeout in s)
 FAST = [("fast_grid", 1, 256, 5, 600), ("fast_grid", 8, 256, 3, 600), ("fast_grid", 1, 512, 3, 600),
@@ -221,10 +221,7 @@ def main() -> None:
     if args.report_only:
         previous = json.loads(raw.read_text())
         text = _report(previous["results"], args.threads, previous["started"])
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as fh:
-            fh.write(text)
-        os.chmod(fh.name, 0o644)
-        os.replace(fh.name, args.out)
+        write_text_atomic(args.out, text)
         print(text)
         return
     from tqdm import tqdm
@@ -244,13 +241,8 @@ def main() -> None:
         results.sort(key=lambda r: order.get((r["case"], r["batch"], r["size"]), 99))
         started = f"{previous['started']} and {started}"
     text = _report(results, args.threads, started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for path, content in ((raw, json.dumps({"started": started, "results": results}, indent=1)),
-                          (args.out, text)):
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-            fh.write(content)
-        os.chmod(fh.name, 0o644)  # temp files are private by default; results are for everyone
-        os.replace(fh.name, path)
+    write_json_atomic(raw, {"started": started, "results": results})
+    write_text_atomic(args.out, text)
     print(text)
 
 
