@@ -164,7 +164,7 @@ class CTVolume:
 def validate_ct_values(hu: np.ndarray, where: str) -> None:
     """Refuse data that cannot be a CT volume in HU: not real numbers, wrong dimensionality, NaN/Inf, no
     air, flat."""
-    dtype = np.asarray(hu).dtype if not hasattr(hu, "dtype") else hu.dtype
+    dtype = np.asarray(hu).dtype
     if np.issubdtype(dtype, np.complexfloating) or dtype == np.bool_ or not np.issubdtype(dtype, np.number):
         raise InputError(f"{where} has voxels of type {dtype} ({_kind_of(dtype)}); a CT volume is an array "
                          "of real numbers in HU (e.g. int16 or float32).")
@@ -263,7 +263,7 @@ def _tag_text(ds: Any, name: str) -> str:
     value = ds.get(name)
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
     return str(value)
 
@@ -525,7 +525,8 @@ def _nifti_layout(head: bytes, path: Path) -> tuple[int, int, np.dtype | None]:
         if size == 348 and len(head) >= 348:
             dim = struct.unpack_from(endian + "8h", head, 40)
             datatype, bitpix = struct.unpack_from(endian + "2h", head, 70)
-            offset = int(struct.unpack_from(endian + "f", head, 108)[0])
+            offset = struct.unpack_from(endian + "f", head, 108)[0]
+            offset = int(offset) if math.isfinite(offset) else 0
             break
         if size == 540 and len(head) >= 540:
             datatype, bitpix = struct.unpack_from(endian + "2h", head, 12)
@@ -652,6 +653,14 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
+def _existing_folder(out: Path) -> Path:
+    """The nearest existing folder above ``out`` (missing folders are created when writing)."""
+    existing = next((p for p in out.absolute().parents if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise InputError(f"output folder {out.parent} cannot be created: {existing} is not a folder.")
+    return existing
+
+
 def check_apart_from_inputs(path: str | os.PathLike, inputs: Sequence[str | os.PathLike],
                             what: str = "output") -> None:
     """Refuse an output path that is an input, holds one, or lies inside an input folder."""
@@ -691,9 +700,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
     check_apart_from_inputs(out, inputs)
     if _is_within(Path.cwd(), out):
         raise InputError(f"output {out} is the current folder or holds it; name a new folder or file.")
-    existing = next((p for p in out.absolute().parents if p.exists()), None)
-    if existing is None or not existing.is_dir():
-        raise InputError(f"output folder {out.parent} cannot be created: {existing} is not a folder.")
+    _existing_folder(out)
     if kind == "dicom":
         if out.exists() and not out.is_dir():
             raise InputError(f"output {out} exists and is a file; a DICOM output is a folder.")
@@ -722,9 +729,7 @@ def check_output_writable(path: str | os.PathLike, nbytes: int) -> None:
     that stays (a probe file is created and removed). Run before computing, so a long run cannot end in
     a failed write."""
     out = Path(path).absolute()
-    existing = next((p for p in out.parents if p.exists()), None)
-    if existing is None or not existing.is_dir():
-        raise InputError(f"output folder {out.parent} cannot be created: {existing} is not a folder.")
+    existing = _existing_folder(out)
     try:
         fd, probe = tempfile.mkstemp(prefix=".ctharmonize-probe-", dir=existing)
         os.close(fd)
@@ -831,13 +836,15 @@ def cast_clipped(values: np.ndarray, dtype: Any, lo: float | None = None,
                  hi: float | None = None) -> np.ndarray:
     """``values`` as ``dtype``: integers rounded and clipped to the dtype's range (and to ``lo``..``hi``)
     in float64, so INT32_MAX stays INT32_MAX (clipping in float32 rounds it up to 2**31, which wraps)."""
-    dtype = np.dtype(dtype)
+    dtype, values = np.dtype(dtype), np.asarray(values)
     if np.issubdtype(dtype, np.integer):
         dlo, dhi = _integer_range(dtype)
         lo = dlo if lo is None else max(lo, dlo)
         hi = dhi if hi is None else min(hi, dhi)
-        return np.clip(np.rint(np.asarray(values, dtype=np.float64)), lo, hi).astype(dtype)
-    return np.asarray(values).astype(dtype, copy=False)
+        # float32 holds every 8/16-bit integer exactly; wider types need float64 (and twice the memory).
+        work = np.float64 if dtype.itemsize > 2 else np.result_type(values.dtype, np.float32)
+        return np.clip(np.rint(values.astype(work, copy=False)), lo, hi).astype(dtype)
+    return values.astype(dtype, copy=False)
 
 
 def _write_sitk(path: Path, volume: CTVolume, hu: np.ndarray, description: str) -> None:
