@@ -343,7 +343,10 @@ class Harmonizer:
     ) -> np.ndarray:
         """Harmonize ``volume`` (slices, rows, cols) in HU to the ``target`` kernel; same shape and dtype.
 
-        ``spacing`` is (x, y, z) mm. ``progress(done, total)`` is called after every batch of slices;
+        ``volume`` must hold real numbers (not complex, bool, str or object) and ``spacing`` (x, y, z) mm
+        a plausible CT in-plane spacing (0.05-5 mm), else ``ValueError`` (``volume_io.InputError``) names
+        the problem. Slices are taken to be axial (for a volume file see ``volume_io.axial_permutation``).
+        ``progress(done, total)`` is called after every batch of slices;
         setting ``cancel`` stops before the next batch with ``HarmonizationCancelled``.
         ``fine_detail`` ("scaled", "keep", "drop"): what happens to detail finer than the model's canvas
         pixels (see ``preprocessing.from_canvas``).

@@ -835,7 +835,8 @@ def _file_dtype(volume: CTVolume) -> np.dtype:
 def cast_clipped(values: np.ndarray, dtype: Any, lo: float | None = None,
                  hi: float | None = None) -> np.ndarray:
     """``values`` as ``dtype``: integers rounded and clipped to the dtype's range (and to ``lo``..``hi``)
-    in float64, so INT32_MAX stays INT32_MAX (clipping in float32 rounds it up to 2**31, which wraps)."""
+    before the cast, so nothing wraps: INT32_MAX stays INT32_MAX (clipped in float32, 2**31 - 1 rounds up
+    to 2**31, which the cast turned into INT32_MIN)."""
     dtype, values = np.dtype(dtype), np.asarray(values)
     if np.issubdtype(dtype, np.integer):
         dlo, dhi = _integer_range(dtype)
@@ -933,8 +934,11 @@ def write_volume(path: str | os.PathLike, volume: CTVolume, hu: np.ndarray, *, d
 
     A path ending in .nrrd/.nii/.nii.gz/.mha writes a volume file with the input's stored voxel type;
     any other path is a folder for a DICOM derived series (needs a DICOM input): new Series/SOP Instance
-    UIDs, ImageType DERIVED\\SECONDARY, SeriesDescription = ``description``, every other tag and every
-    slice's geometry kept, pixels re-encoded with each slice's rescale (clipped to the stored range).
+    UIDs, ImageType DERIVED\\SECONDARY, ``description`` in SeriesDescription, DerivationDescription and
+    ImageComments with a Derivation Code Sequence item (``_record_derivation``), every other tag (the
+    ConvolutionKernel too) and every slice's geometry kept, pixels re-encoded with each slice's rescale
+    (clipped to the stored range). ``overwrite`` replaces a file or a series this function wrote (see
+    ``check_output_path``). A failed write raises ``InputError`` and leaves nothing behind.
     """
     out = Path(path)
     hu = np.asarray(hu)
