@@ -540,35 +540,41 @@ def _nifti_layout(head: bytes, path: Path) -> tuple[int, int, np.dtype | None]:
     return max(offset, size), count * int(bitpix) // 8, (np.dtype(endian + floats) if floats else None)
 
 
+def _scan_voxels(f: Any, need: int, floats: np.dtype | None) -> tuple[int, int]:
+    """(bytes read to the end of ``f``, NaN/Inf voxels among the first ``need`` bytes when ``floats``)."""
+    have = bad = 0
+    while True:
+        chunk = f.read(1 << 24)  # reading a gzip stream to its end also checks its end marker
+        if not chunk:
+            return have, bad
+        if floats is not None and have < need:
+            usable = min(len(chunk), need - have) // floats.itemsize * floats.itemsize
+            values = np.frombuffer(chunk[:usable], dtype=floats)
+            bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+        have += len(chunk)
+
+
 def _check_nifti_voxels(path: Path) -> None:
     """Refuse a truncated NIfTI file and NaN/Inf voxels, checked on the bytes as stored.
 
     SimpleITK fills the missing part of a truncated .nii/.nii.gz with zeros and turns NaN/Inf into 0
     without a word, so both would go unnoticed by a check of the voxels it returns.
     """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    bad, have = 0, 0
+    compressed = path.name.lower().endswith(".gz")
     try:
-        with opener(path, "rb") as f:
-            head = f.read(540)
-            offset, need, floats = _nifti_layout(head, path)
-            f.seek(offset)
-            chunk_size = 1 << 24
-            while True:
-                chunk = f.read(chunk_size)  # reading a gzip stream to its end checks its end marker
-                if not chunk:
-                    break
-                if floats is not None and have < need:
-                    usable = max(0, min(len(chunk), need - have)) // floats.itemsize * floats.itemsize
-                    values = np.frombuffer(chunk[:usable], dtype=floats)
-                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
-                have += len(chunk)
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            offset, need, floats = _nifti_layout(f.read(540), path)
+            if floats is None and not compressed:  # integers, uncompressed: the size tells it all
+                have, bad = path.stat().st_size - offset, 0
+            else:
+                f.seek(offset)
+                have, bad = _scan_voxels(f, need, floats)
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"{path} is truncated or damaged ({exc}); copy the file again from its "
                          "source.") from exc
     if have < need:
-        raise InputError(f"{path} is truncated: it holds {have} of the {need} bytes of voxel data its "
-                         "header announces; copy the file again from its source.")
+        raise InputError(f"{path} is truncated: it holds {max(have, 0)} of the {need} bytes of voxel data "
+                         "its header announces; copy the file again from its source.")
     if bad:
         raise InputError(f"{path} contains {bad} NaN/Inf voxel(s); fix or mask them before harmonizing.")
 
