@@ -289,8 +289,14 @@ def test_existing_output_needs_overwrite_and_input_is_protected(ct_small_path, r
     (folder / "keep.txt").write_text("x")
     with pytest.raises(InputError, match="not empty"):
         write_volume(folder, v, v.hu, description="x")
-    write_volume(folder, v, v.hu, description="x", overwrite=True)
-    assert not (folder / "keep.txt").exists() and len(list(folder.glob("*.dcm"))) == 1
+    # --overwrite replaces only a series this module wrote: anything else in the folder is never deleted.
+    with pytest.raises(InputError, match="did not write.*keep.txt"):
+        write_volume(folder, v, v.hu, description="x", overwrite=True)
+    assert (folder / "keep.txt").read_text() == "x"
+    (folder / "keep.txt").unlink()
+    write_volume(folder, v, v.hu, description="x")
+    write_volume(folder, v, v.hu, description="y", overwrite=True)
+    assert [read_volume(folder).dicom.headers[0].DerivationDescription] == ["y"]
     with pytest.raises(InputError, match="input"):
         write_volume(real_ct_dir / "sub", real_volume, real_volume.hu, description="x", overwrite=True)
     with pytest.raises(InputError, match="needs a DICOM input"):
@@ -310,7 +316,7 @@ def test_failed_write_leaves_nothing_behind(ct_small_path, tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(volume_io, "_write_dicom", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="writing .* failed \\(disk full\\)"):
         write_volume(tmp_path / "out", v, v.hu, description="x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 

@@ -5,33 +5,86 @@
                 [--batch-size N] [--allow-untrained]
     ctharmonize info [--model PATH]
 
-Every check that can fail runs before anything is written; outputs are written atomically; Ctrl-C
-cancels cleanly. Exit codes: 0 done, 2 bad input or usage (nothing written), 1 unexpected failure,
-130 cancelled (nothing written).
+Every check that can fail (including whether the outputs can be written) runs before the computation;
+outputs are written atomically; Ctrl-C or SIGTERM cancels cleanly at any point. Exit codes: 0 done,
+2 bad input, usage or a failed write (nothing written), 1 unexpected failure, 130 cancelled by Ctrl-C,
+143 stopped by SIGTERM (nothing written).
+
+Heavy modules (numpy, torch) are imported inside ``main`` once the signal handlers are in place, so a
+Ctrl-C during start-up ends like any other cancellation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from .domains import Domain, UnknownDomainError, describe_domains, resolve_domain
-from .masks import BODY_THRESHOLD_HU
-from .model_file import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file
-from .volume_io import CTVolume, InputError, check_output_path, read_volume, write_volume
+    from .domains import Domain
+    from .model_file import ModelFile
+    from .volume_io import CTVolume
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+# The bundled model (model_file.DEFAULT_MODEL_PATH) when None; tests point it elsewhere.
+DEFAULT_MODEL_PATH: Path | None = None
 
 
 class _UsageError(Exception):
     """A problem the user can fix; printed as 'error: ...' with exit code 2."""
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM handling for one run, in the main thread (no worker thread whose join a signal
+    could disturb: on Python 3.11 an interrupted ``Thread.join`` let the interpreter exit under a running
+    torch kernel, "terminate called without an active exception").
+
+    While harmonizing, the first signal sets ``cancel``: the current batch finishes, then the run stops.
+    At any other time, or on a second signal, it raises KeyboardInterrupt where the program is, so
+    ``atomic_output`` removes its temporaries; later signals are ignored so the cleanup completes.
+    """
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.computing = False
+        self.received: int | None = None
+        self._raised = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if first and self.computing:
+            self.cancel.set()
+            print("\ncancelling (finishing the current batch; press Ctrl-C again to stop now)...",
+                  file=sys.stderr)
+            return
+        if not self._raised:
+            self._raised = True
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_TERMINATED if self.received == signal.SIGTERM else EXIT_CANCELLED
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--model", type=Path, help="model file (.safetensors); default: the bundled model")
     h.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     h.add_argument("--compare-png", type=Path, help="also write a before/after figure with zoomed ROIs")
-    h.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    h.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, or a folder holding only a DICOM series an earlier "
+                        "run wrote (a folder holding anything else is refused)")
     h.add_argument("--series",
                    help="SeriesInstanceUID (or a unique prefix) when a folder holds several series")
     h.add_argument("--batch-size", type=_positive_int, help="slices per batch (default: chosen per device)")
@@ -76,84 +131,108 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(path: Path | None) -> ModelFile:
-    if path is None and not DEFAULT_MODEL_PATH.exists():
+    from . import model_file
+
+    default = DEFAULT_MODEL_PATH or model_file.DEFAULT_MODEL_PATH
+    if path is None and not default.exists():
         raise _UsageError(
-            f"the default model has not been trained yet (no file at {DEFAULT_MODEL_PATH}); pass --model "
+            f"the default model has not been trained yet (no file at {default}); pass --model "
             "PATH with a model file you trained (Training/train.py, then Training/export.py)."
         )
-    try:
-        return load_model_file(path)
-    except ModelFileError as exc:
-        raise _UsageError(str(exc)) from None
+    return model_file.load_model_file(path)
 
 
 def _check_png_path(png: Path, overwrite: bool, output: Path, input_path: Path) -> None:
+    from .volume_io import check_apart_from_inputs
+
     if png.suffix.lower() != ".png":
         raise _UsageError(f"--compare-png {png}: the figure is a PNG; give a name ending in .png.")
     existing = next((p for p in png.absolute().parents if p.exists()), None)
     if existing is None or not existing.is_dir():  # missing folders are created when it is written
         raise _UsageError(f"--compare-png folder {png.parent} cannot be created: {existing} is not a folder.")
-    if png.resolve() == output.resolve() or png.resolve() == input_path.resolve():
-        raise _UsageError(f"--compare-png {png} must differ from the input and the output.")
+    check_apart_from_inputs(png, [input_path], what="--compare-png")
+    if png.resolve() == output.resolve() or output.resolve() in png.resolve().parents:
+        raise _UsageError(f"--compare-png {png} must lie outside the output {output}.")
     if png.is_dir():
         raise _UsageError(f"--compare-png {png} is a folder; give a file name ending in .png.")
     if png.exists() and not overwrite:
         raise _UsageError(f"--compare-png {png} already exists; pass --overwrite to replace it.")
 
 
-def _source_domain(args: argparse.Namespace, volume: CTVolume, domains: list[Domain]) -> Domain:
+def _source_domain(args: argparse.Namespace, volume: CTVolume,
+                   domains: list[Domain]) -> tuple[Domain | None, str]:
+    """The source domain (None for a kernel the model was not trained on) and how to name the source.
+
+    The generator takes only the target style, so a foreign source kernel does not change the output; it
+    is accepted with a note, since the model never saw that kernel."""
+    from .domains import describe_domains, resolve_domain
     from .inference import detect_source
 
     if args.source is not None:
-        return resolve_domain(domains, args.source)
+        domain = resolve_domain(domains, args.source)
+        return domain, domain.name
     found = detect_source(volume, domains)
-    if found is None:
-        seen = ", ".join(f"{k}={volume.tags[k]!r}" for k in ("Manufacturer", "ManufacturerModelName",
-                                                              "ConvolutionKernel") if volume.tags.get(k))
-        why = f"its tags ({seen}) match no single domain" if seen else "it carries no DICOM tags"
-        raise _UsageError(f"cannot tell the input's source kernel: {why}. Name it with --source; this model "
-                          f"knows: {describe_domains(domains)}")
-    return found
+    if found is not None:
+        return found, found.name
+    kernel = volume.tags.get("ConvolutionKernel", "").strip()
+    if kernel:
+        scanner = " ".join(volume.tags.get(k, "") for k in ("Manufacturer", "ManufacturerModelName")).strip()
+        print(f"note: the input's reconstruction kernel is {kernel}{f' ({scanner})' if scanner else ''}, "
+              f"which is not one of this model's training kernels ({', '.join(d.kernel for d in domains)}); "
+              "it is harmonized all the same (the source kernel does not change the output), but the "
+              "result may be less reliable.", file=sys.stderr)
+        return None, f"kernel {kernel} (not a training kernel of the model)"
+    raise _UsageError("cannot tell the input's source kernel: it carries no DICOM tags. Name it with "
+                      f"--source; this model knows: {describe_domains(domains)}")
 
 
 def _pick_slice(hu: np.ndarray) -> int:
-    """The slice with the most body (voxels above BODY_THRESHOLD_HU): the most informative one to show."""
+    """The slice with the most body (voxels above the body threshold): the most informative one to show."""
+    import numpy as np
+
+    from .masks import BODY_THRESHOLD_HU
+
     area = (hu > BODY_THRESHOLD_HU).reshape(hu.shape[0], -1).sum(axis=1)
     return int(np.argmax(area))
 
 
-def _run_cancellable(func: Any, cancel: threading.Event) -> Any:
-    """Run ``func`` in a worker thread so Ctrl-C in the main thread can set ``cancel`` and wait."""
-    box: dict[str, Any] = {}
+def _axial(volume: CTVolume) -> tuple[tuple[int, int, int], np.ndarray, tuple[float, float, float]]:
+    """(axis order, voxels, spacing) of the volume as axial slices (see ``axial_permutation``)."""
+    from .volume_io import axial_permutation
 
-    def work() -> None:
-        try:
-            box["result"] = func()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=work, name="harmonize", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.2)
-    except KeyboardInterrupt:
-        cancel.set()
-        print("\ncancelling (finishing the current batch)...", file=sys.stderr)
-        worker.join()
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    order = axial_permutation(volume.direction, str(volume.source or "the input"))
+    per_axis = volume.spacing[::-1]  # spacing of array axes 0, 1, 2 (z, y, x)
+    spacing = (per_axis[order[2]], per_axis[order[1]], per_axis[order[0]])
+    return order, volume.hu.transpose(order), spacing
 
 
-def _harmonize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _check_can_write(args: argparse.Namespace, volume: CTVolume, kind: str) -> None:
+    from .volume_io import check_output_writable, output_size_estimate
 
-    from .figures import save_comparison_png
-    from .inference import HarmonizationCancelled, Harmonizer
+    check_output_writable(args.output, output_size_estimate(volume, kind))
+    if args.compare_png is not None:
+        check_output_writable(args.compare_png, 2_000_000)
 
-    model = _load_model(args.model)
+
+@dataclass
+class _Plan:
+    """A checked harmonization request: everything is known to be valid before computing."""
+
+    target: Domain
+    source: Domain | None  # None: a kernel the model was not trained on
+    source_label: str
+    volume: CTVolume
+    kind: str  # output kind
+    order: tuple[int, int, int]  # array axes that make the volume axial
+    axial_hu: np.ndarray
+    spacing: tuple[float, float, float]  # of the axial view
+
+
+def _prepare(args: argparse.Namespace, model: ModelFile) -> _Plan:
+    """Every check that can fail, in the order that costs least: arguments, paths, then the input."""
+    from .domains import resolve_domain
+    from .volume_io import check_output_path, read_volume, validate_ct_spacing
+
     if not model.trained and not args.allow_untrained:
         raise _UsageError(
             f"model {model.path} has untrained (random) weights (training.iterations = 0) and would produce "
@@ -169,52 +248,110 @@ def _harmonize(args: argparse.Namespace) -> int:
     if kind == "dicom" and volume.dicom is None:
         raise _UsageError(f"a DICOM output ({args.output}) needs a DICOM input, whose tags the derived "
                           "series copies; write a .nrrd, .nii.gz or .mha file instead.")
-    source = _source_domain(args, volume, model.domains)
-    for note in volume.notes:
+    order, axial_hu, spacing = _axial(volume)
+    validate_ct_spacing(spacing, str(args.input))
+    _check_can_write(args, volume, kind)
+    source, label = _source_domain(args, volume, model.domains)
+    return _Plan(target, source, label, volume, kind, order, axial_hu, spacing)
+
+
+def _compute(plan: _Plan, harmonizer: Any, args: argparse.Namespace, interrupts: _Interrupts) -> np.ndarray:
+    """Harmonize in the main thread; a signal sets ``cancel`` and the run stops after the current batch."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from .inference import HarmonizationCancelled
+
+    with tqdm(total=plan.axial_hu.shape[0], unit="slice", desc="harmonizing", file=sys.stderr,
+              disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        interrupts.computing = True
+        try:
+            result = harmonizer.harmonize(
+                plan.axial_hu, plan.spacing, plan.target.id, source=plan.source.id if plan.source else None,
+                progress=progress, cancel=interrupts.cancel, fine_detail=args.fine_detail,
+            )
+        except HarmonizationCancelled:
+            raise KeyboardInterrupt from None
+        finally:
+            interrupts.computing = False
+    if interrupts.received is not None:  # a signal after the last batch's check
+        raise KeyboardInterrupt
+    return result.transpose(np.argsort(plan.order))
+
+
+def _harmonize(args: argparse.Namespace, interrupts: _Interrupts) -> int:
+    from .domains import harmonization_description
+    from .inference import Harmonizer
+
+    model = _load_model(args.model)
+    plan = _prepare(args, model)
+    for note in plan.volume.notes:
         print(f"note: {note}", file=sys.stderr)
-    if source.id == target.id:
-        print(f"note: the input is already {target.name}; harmonizing to the same kernel.", file=sys.stderr)
+    if plan.order != (0, 1, 2):
+        print("note: the volume's slices are not axial; it is harmonized as axial slices (the plane in "
+              "which reconstruction kernels act) and written back in its own orientation.", file=sys.stderr)
+    if plan.source is not None and plan.source.id == plan.target.id:
+        print(f"note: the input is already {plan.target.name}; harmonizing to the same kernel.",
+              file=sys.stderr)
     try:
         harmonizer = Harmonizer(model, device=args.device, batch_size=args.batch_size)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
-    n = volume.shape[0]
-    print(f"{args.input}: {n} slices of {volume.shape[1]} x {volume.shape[2]}, spacing "
-          f"{', '.join(f'{v:.3g}' for v in volume.spacing)} mm; {source.name} -> {target.name} on "
+    n, rows, cols = plan.axial_hu.shape
+    print(f"{args.input}: {n} slices of {rows} x {cols}, spacing "
+          f"{', '.join(f'{v:.3g}' for v in plan.spacing)} mm; {plan.source_label} -> {plan.target.name} on "
           f"{harmonizer.device}", file=sys.stderr)
-    cancel = threading.Event()
     t0 = time.perf_counter()
-    with tqdm(total=n, unit="slice", desc="harmonizing", file=sys.stderr, disable=None) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-
-        def work() -> np.ndarray:
-            return harmonizer.harmonize(volume.hu, volume.spacing, target.id, source=source.id,
-                                        progress=progress, cancel=cancel, fine_detail=args.fine_detail)
-
-        try:
-            result = _run_cancellable(work, cancel)
-        except HarmonizationCancelled:
-            raise KeyboardInterrupt from None
+    result = _compute(plan, harmonizer, args, interrupts)
     seconds = time.perf_counter() - t0
-    description = f"Harmonized to {target.name} (kernel {target.kernel}) from {source.name}"
-    write_volume(args.output, volume, result, description=description, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({'DICOM derived series' if kind == 'dicom' else kind}) in {seconds:.1f} s "
-          f"({n / max(seconds, 1e-9):.1f} slices/s)", file=sys.stderr)
+    _write_outputs(args, plan.volume, result, harmonization_description(plan.target, plan.source_label),
+                   (plan.source_label, plan.target.name))
+    print(f"wrote {args.output} ({'DICOM derived series' if plan.kind == 'dicom' else plan.kind}) in "
+          f"{seconds:.1f} s ({n / max(seconds, 1e-9):.1f} slices/s)", file=sys.stderr)
     if args.compare_png is not None:
-        k = _pick_slice(volume.hu)
-        kernel_tag = volume.tags.get("ConvolutionKernel")
-        before_title = f"Before: {source.name}"
-        if kernel_tag and kernel_tag != source.name:
-            before_title += f" ({kernel_tag})"
-        save_comparison_png(
-            args.compare_png, volume.hu[k], result[k].astype(np.float32),
-            titles=[before_title, f"After: {target.name}"], pixel_spacing=volume.spacing[:2],
-            difference=True, suptitle=f"{args.input.name}: slice {k + 1} of {n}",
-        )
         print(f"wrote {args.compare_png}", file=sys.stderr)
     return EXIT_OK
+
+
+def _write_outputs(args: argparse.Namespace, volume: CTVolume, result: np.ndarray, description: str,
+                   names: tuple[str, str]) -> None:
+    """Write the volume and the figure as one: the figure goes to a temporary file first and is put in
+    place only once the volume is written, so a failure of either leaves neither behind."""
+    from .fileio import atomic_output
+    from .volume_io import write_volume
+
+    if args.compare_png is None:
+        write_volume(args.output, volume, result, description=description, overwrite=args.overwrite)
+        return
+    try:
+        with atomic_output(args.compare_png) as png:
+            _save_figure(png, args, volume, result, names)
+            write_volume(args.output, volume, result, description=description, overwrite=args.overwrite)
+    except OSError as exc:
+        raise _UsageError(f"writing {args.compare_png} failed ({exc.strerror or exc}); nothing was kept.") \
+            from None
+
+
+def _save_figure(png: Path, args: argparse.Namespace, volume: CTVolume, result: np.ndarray,
+                 names: tuple[str, str]) -> None:
+    import numpy as np
+
+    from .figures import save_comparison_png
+
+    k = _pick_slice(volume.hu)
+    before_title = f"Before: {names[0]}"
+    kernel_tag = volume.tags.get("ConvolutionKernel")
+    if kernel_tag and kernel_tag not in names[0]:
+        before_title += f" ({kernel_tag})"
+    save_comparison_png(
+        png, volume.hu[k], result[k].astype(np.float32),
+        titles=[before_title, f"After: {names[1]}"], pixel_spacing=volume.spacing[:2],
+        difference=True, suptitle=f"{args.input.name}: slice {k + 1} of {volume.shape[0]}",
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -241,19 +378,31 @@ def _info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace, interrupts: _Interrupts) -> int:
+    from .domains import UnknownDomainError
+    from .model_file import ModelFileError
+    from .volume_io import InputError
+
+    try:
+        return _harmonize(args, interrupts) if args.command == "harmonize" else _info(args)
+    except (InputError, UnknownDomainError, ModelFileError) as exc:
+        raise _UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ctharmonize``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _harmonize(args) if args.command == "harmonize" else _info(args)
-    except (_UsageError, InputError, UnknownDomainError, ModelFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if args.command == "harmonize":
-            print("nothing was written.", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("cancelled; nothing was written.", file=sys.stderr)
-        return EXIT_CANCELLED
+    with _Interrupts() as interrupts:
+        try:
+            args = build_parser().parse_args(argv)
+            return _run(args, interrupts)
+        except _UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            if args.command == "harmonize":
+                print("nothing was written.", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("cancelled; nothing was written.", file=sys.stderr)
+            return interrupts.exit_code
 
 
 if __name__ == "__main__":

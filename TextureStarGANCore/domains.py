@@ -174,3 +174,23 @@ def detect_domain(
             if len(candidates) == 1:
                 break
     return candidates[0] if len(candidates) == 1 else None
+
+
+# How a harmonized output records what was done (DICOM DerivationDescription, volume-file metadata); the
+# ConvolutionKernel tag keeps the kernel the scanner used, so this record is what tells a harmonized series.
+_RECORD = re.compile(r"^Harmonized by ctharmonize to (?P<target>.+?) \(kernel (?P<target_kernel>[^)]*)\) "
+                     r"from (?P<source>.*)$")
+
+
+def harmonization_description(target: Domain, source: str) -> str:
+    """'Harmonized by ctharmonize to B30f (kernel B30f) from BONE': the record of one harmonization.
+
+    ``source`` describes the input: a domain name, or e.g. 'kernel B40f (not a training kernel)'."""
+    return f"Harmonized by ctharmonize to {target.name} (kernel {target.kernel}) from {source}"
+
+
+def harmonization_record(text: Any) -> dict[str, str] | None:
+    """The target domain name, target kernel and source of a ``harmonization_description``; None when
+    ``text`` is not one."""
+    match = _RECORD.match(str(text or "").strip())
+    return match.groupdict() if match else None

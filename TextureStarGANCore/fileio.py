@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,8 +35,11 @@ __all__ = [
     "write_text_atomic",
 ]
 
-# Temporaries are named ".<stem>.tmp-<8 hex><suffix>": the marker lets a later run recognise its own.
+# Temporary names: .<stem>.tmp-<pid>-<8 hex><suffix> (and .<stem>.old-<pid>-<8 hex> for a replaced folder);
+# the pid lets a later run remove those of a process that no longer exists (killed with SIGKILL, a power cut)
+# and leave those of a writer still running alone.
 TEMP_MARKER = ".tmp-"
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>[.a-zA-Z]*)$")
 # Suffixes made of two parts that writers choose the format from; the temporary name must keep them whole.
 _DOUBLE_SUFFIXES = (".nii.gz",)
 
@@ -47,6 +52,29 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path, stem: str) -> None:
+    """Remove temporaries of ``out`` left behind by writers that no longer run."""
+    with contextlib.suppress(OSError):
+        for entry in out.parent.glob(f".{glob.escape(stem)}.*-*-*"):
+            match = _TEMP_NAME.match(entry.name)
+            if not match or match["stem"] != stem or _process_exists(int(match["pid"])):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one ``os.replace``.
@@ -54,13 +82,16 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
     The temporary name keeps the suffix (writers pick the format from it). With ``folder=True`` the
     temporary folder exists when yielded. On any error, including KeyboardInterrupt, the temporary is
     removed and ``path`` is left as it was. Missing parent folders are created, and removed again if the
-    write fails, so a failed run leaves nothing behind.
+    write fails, so a failed run leaves nothing behind. Stale temporaries of ``path`` from writers that no
+    longer run are removed first.
     """
-    out = Path(path)
+    out = Path(path).absolute()
     suffix = "" if folder else _suffix(out)
     stem = out.name[: len(out.name) - len(suffix)] if suffix else out.name
-    tmp = out.parent / f".{stem}{TEMP_MARKER}{uuid.uuid4().hex[:8]}{suffix}"
-    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    _remove_stale_temporaries(out, stem)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{stem}{TEMP_MARKER}{tag}{suffix}"
+    created = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     if folder:
         tmp.mkdir()
@@ -68,7 +99,7 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
         yield tmp
         if folder and out.is_dir():
             # os.replace cannot replace a non-empty folder: move the old one aside first.
-            old = out.parent / f".{stem}.old-{uuid.uuid4().hex[:8]}"
+            old = out.parent / f".{stem}.old-{tag}"
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

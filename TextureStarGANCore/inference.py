@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .domains import Domain, detect_domain, resolve_domain
+from .domains import Domain, UnknownDomainError, detect_domain, harmonization_record, resolve_domain
 from .model_file import ModelFile, instantiate, load_model_file
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
-from .volume_io import CTVolume, validate_ct_values
+from .volume_io import CTVolume, cast_clipped, validate_ct_spacing, validate_ct_values
 
 __all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device", "REFERENCE_SLICES",
            "run_generator_tiled", "tile_starts", "tile_window"]
@@ -74,8 +74,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) -> Domain | None:
     """The model domain an input belongs to, from its DICOM tags (Manufacturer, ManufacturerModelName,
-    ConvolutionKernel); None when the tags are missing or match no single domain."""
+    ConvolutionKernel); None when the tags are missing or match no single domain.
+
+    A series this tool harmonized keeps the scanner's ConvolutionKernel but its DerivationDescription
+    records the target: its effective kernel is that target domain."""
     tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
+    record = harmonization_record(tags.get("DerivationDescription"))
+    if record is not None:
+        try:
+            return resolve_domain(domains, record["target"])
+        except UnknownDomainError:
+            return None  # harmonized to a domain of another model
     return detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"),
                          tags.get("ConvolutionKernel"))
 
@@ -184,7 +193,15 @@ def _check_spacing(spacing: Sequence[float], what: str = "spacing") -> tuple[flo
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{what} must be three positive numbers (x, y, z) in mm, got {spacing!r}")
+    validate_ct_spacing(values, f"the {what}")
     return values  # type: ignore[return-value]
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    # bool is an int in Python: batch_size=True would silently mean 1.
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 class Harmonizer:
@@ -203,8 +220,7 @@ class Harmonizer:
         if self.device.type == "cuda":
             self._generator = self._generator.to(memory_format=torch.channels_last)
         self._styles = model_file.domain_styles.to(self.device, torch.float32)
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         self.batch_size = batch_size or self._default_batch_size()
         self.last_run: dict[str, Any] = {}
 
@@ -327,7 +343,10 @@ class Harmonizer:
     ) -> np.ndarray:
         """Harmonize ``volume`` (slices, rows, cols) in HU to the ``target`` kernel; same shape and dtype.
 
-        ``spacing`` is (x, y, z) mm. ``progress(done, total)`` is called after every batch of slices;
+        ``volume`` must hold real numbers (not complex, bool, str or object) and ``spacing`` (x, y, z) mm
+        a plausible CT in-plane spacing (0.05-5 mm), else ``ValueError`` (``volume_io.InputError``) names
+        the problem. Slices are taken to be axial (for a volume file see ``volume_io.axial_permutation``).
+        ``progress(done, total)`` is called after every batch of slices;
         setting ``cancel`` stops before the next batch with ``HarmonizationCancelled``.
         ``fine_detail`` ("scaled", "keep", "drop"): what happens to detail finer than the model's canvas
         pixels (see ``preprocessing.from_canvas``).
@@ -337,8 +356,7 @@ class Harmonizer:
         sx, sy, _ = _check_spacing(spacing)
         tgt = self.resolve(target)
         src = self.resolve(source) if source is not None else None
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         if fine_detail not in ("scaled", "keep", "drop"):
             raise ValueError(f"fine_detail must be 'scaled', 'keep' or 'drop', got {fine_detail!r}")
         if cancel is not None and cancel.is_set():
@@ -351,7 +369,7 @@ class Harmonizer:
             style = self.target_style(tgt.id)
             mode = "domain"
         out_f = self._run(arr, (sx, sy), style, progress, cancel, batch_size or self.batch_size, fine_detail)
-        out = _cast_like(out_f, arr.dtype)
+        out = cast_clipped(out_f, arr.dtype)
         self.last_run = {
             "target": tgt.name, "source": src.name if src else None, "style": mode,
             "device": str(self.device), "slices": int(arr.shape[0]),
@@ -416,10 +434,4 @@ def _fit_square(canvas: torch.Tensor, size: int, fill: float) -> torch.Tensor:
     out[:, a:a + s, a:a + s] = canvas
     return out
 
-
-def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return values.astype(dtype, copy=False)
 

@@ -211,25 +211,30 @@ def body_center(volume_hu: ArrayLike, spacing_xy: tuple[float, float] | None = N
 
 
 def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
-    """(n, n) Gaussian blur along one axis with mirrored edges, as a matrix (float64, CPU)."""
+    """(n, n) Gaussian blur along one axis with mirrored edges, as a matrix (float64, CPU).
+
+    Mirroring (..., 2, 1, 0, 1, 2, ...) like scipy's 'mirror' mode makes the extended signal periodic
+    with period 2(n - 1), so the kernel is first folded onto one period: the cost is O(n^2) whatever
+    sigma is (an implausible spacing gives a huge sigma; a loop over its offsets took minutes).
+    """
     eye = torch.eye(n, dtype=torch.float64)
-    if sigma <= 0.05:
+    if sigma <= 0.05 or n == 1:
         return eye
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
+    period = 2 * (n - 1)
+    if sigma >= 4 * period:
+        # A kernel this wide folds to a constant (deviation below 1e-9 of its value).
+        folded = torch.full((period,), 1.0 / period, dtype=torch.float64)
+    else:
+        radius = max(1, int(math.ceil(3.0 * sigma)))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel /= kernel.sum()
+        folded = torch.zeros(period, dtype=torch.float64).index_add_(0, offsets.long() % period, kernel)
+    rows = torch.arange(n).unsqueeze(1)
+    cols = (rows + torch.arange(period).unsqueeze(0)) % period
+    cols = torch.where(cols >= n, period - cols, cols)
     out = torch.zeros(n, n, dtype=torch.float64)
-    rows = torch.arange(n)
-    for off, w in zip(offsets.long().tolist(), kernel.tolist(), strict=True):
-        cols = rows + off
-        if n > 1:  # mirror at the edges (..., 2, 1, 0, 1, 2, ...) like scipy's 'mirror' mode
-            period = 2 * (n - 1)
-            cols = cols % period
-            cols = torch.where(cols >= n, period - cols, cols)
-        else:
-            cols = torch.zeros_like(cols)
-        out.index_put_((rows, cols), torch.full((n,), w, dtype=torch.float64), accumulate=True)
+    out.index_put_((rows.expand_as(cols), cols), folded.expand(n, -1).contiguous(), accumulate=True)
     return out
 
 
