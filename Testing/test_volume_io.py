@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from TextureStarGANCore import volume_io
 from TextureStarGANCore.volume_io import (
     InputError,
+    _standard_file_format,
     atomic_output,
     list_dicom_series,
     read_volume,
@@ -66,7 +67,7 @@ def copy_ct_small(ct_small_path: Path, folder: Path, count: int = 1, **changes) 
         ds.ImagePositionPatient = [-158.135803, -179.035797, -75.7 + 5.0 * i]
         for key, value in changes.items():
             setattr(ds, key, value)
-        ds.save_as(folder / f"slice{i:02d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"slice{i:02d}.dcm", **_standard_file_format())
     return folder
 
 
