@@ -317,3 +317,16 @@ def test_bundled_sample_is_detected_as_bone_and_harmonized(scene, model_path, re
     assert out.GetAttribute("CTHarmonization.SourceKernel") == "BONE"
     assert voxels_of(out).shape == before.shape == (len(files), 512, 512)
     np.testing.assert_array_equal(voxels_of(node), before)
+
+
+def test_detected_kernel_line_for_the_gui(scene, model_path, ct_small_path, real_ct_dir):
+    domains = logic.loadModel(model_path).domains
+    node = add_volume(scene, body_phantom(slices=4, size=64))
+    assert logic.describeDetectedKernel(node, domains).startswith("No DICOM kernel information")
+    known = FolderDicomDatabase([ct_small_path])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(known.uids))
+    assert logic.describeDetectedKernel(node, domains, known).endswith("= model kernel STANDARD")
+    unknown = FolderDicomDatabase(sorted(real_ct_dir.glob("*.dcm"))[:1])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(unknown.uids))
+    assert "STD+" in logic.describeDetectedKernel(node, domains, unknown)
+    assert "not one of the model's kernels" in logic.describeDetectedKernel(node, domains, unknown)

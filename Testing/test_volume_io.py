@@ -121,7 +121,7 @@ def test_dicom_round_trip_preserves_every_slice_geometry_and_tags(real_volume, r
     new_sops = {str(h.SOPInstanceUID) for h in back.dicom.headers}
     assert len(new_sops) == 28 and not (new_sops & old_sops)
     assert back.dicom.series_uid != real_volume.dicom.series_uid
-    for old, new in zip(real_volume.dicom.headers, back.dicom.headers, strict=True):
+    for old, new in zip(real_volume.dicom.headers, back.dicom.headers):  # noqa: B905 (3.9)
         assert list(new.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert list(new.ImageType)[2:] == list(old.ImageType)[2:]
         assert "B30f" in new.SeriesDescription

@@ -53,6 +53,7 @@ __all__ = [
     "HarmonizationOutOfMemoryError",
     "ProgressTracker",
     "availableDevices",
+    "describeDetectedKernel",
     "dicomTagsOfNode",
     "finishHarmonization",
     "getHarmonizer",
@@ -287,6 +288,20 @@ def dicomTagsOfNode(node: Any, dicomDatabase: Any = None) -> dict[str, str]:
         if value:
             tags[key] = str(value).strip()
     return tags
+
+
+def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any = None) -> str:
+    """One line for the GUI: the kernel DICOM reports for `node` and which model kernel it is, if any."""
+    tags = dicomTagsOfNode(node, dicomDatabase)
+    kernel = tags.get("ConvolutionKernel")
+    if not kernel:
+        return "No DICOM kernel information: choose the source kernel."
+    scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
+    domain = detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), kernel)
+    if domain is None:
+        return (f"DICOM: kernel {kernel} ({scanner}) is not one of the model's kernels: choose the closest "
+                "source kernel.")
+    return f"DICOM: kernel {kernel} ({scanner}) = model kernel {domain.name}"
 
 
 def _resolveSource(
