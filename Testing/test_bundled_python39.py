@@ -20,10 +20,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = [ROOT / "CTHarmonization", ROOT / "TextureStarGANCore"]
 MINIMUM = "3.9"
-# Engine tests that need only the engine's own dependencies (torch, numpy, scipy, safetensors, pydicom,
-# SimpleITK): what runs inside Slicer's Python.
+# The engine's tests for what runs inside Slicer (model loading, preprocessing, inference, volume I/O, the
+# bundled default model); they need only the engine's own dependencies. Not here: the command line
+# (test_cli.py: tqdm, and its tests use 3.10+ features), figures (matplotlib), the trainer and evaluation.
 ENGINE_TESTS = ["test_domains.py", "test_preprocessing.py", "test_model_file.py", "test_inference.py",
-                "test_tiling.py", "test_volume_io.py", "test_networks.py", "test_texture.py"]
+                "test_tiling.py", "test_volume_io.py", "test_networks.py", "test_texture.py",
+                "test_default_model.py"]
 
 
 def _vermin() -> list[str]:
