@@ -26,7 +26,7 @@ MODULE_DIR = fake_slicer_gui.ROOT / "CTHarmonization"
 
 @pytest.fixture()
 def gui(monkeypatch):
-    """(widget, scene, CTHarmonizationLib) with the module loaded as Slicer loads it (its folder on sys.path)."""
+    """(widget, scene, dependencies, worker), the module loaded as Slicer loads it (folder on sys.path)."""
     scene, app, keep = new_scene()
     saved = {name: sys.modules.get(name) for name in list(sys.modules)
              if name.split(".")[0] in ("CTHarmonizationLib", "CTHarmonizationModule")}
