@@ -128,6 +128,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollWorker)
 
+        self._missing = dependencies.missingDependencies()  # before the parameter node may load a model
         self.initializeParameterNode()
         self.refreshDependencies()
 
@@ -141,7 +142,12 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        # Keep the parameter node: a run that ends while another module is shown still records its output.
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGuiFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._abortRun(_("Stopped: the scene was closed. Nothing was added."))
@@ -162,7 +168,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = first
 
     def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,

@@ -8,6 +8,7 @@ pydicom) are pinned to their installed versions so an install can never replace 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import re
@@ -99,6 +100,7 @@ def missingDependencies(requirements: list[str] | None = None,
     """
     if requirements is None:
         requirements = readRequirements()
+    importlib.invalidate_caches()  # packages installed since the last call (Install dependencies)
     return missingRequirements([f"torch{torchRequirement}", *requirements])
 
 
