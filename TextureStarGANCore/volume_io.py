@@ -648,7 +648,6 @@ def _write_dicom(folder: Path, volume: CTVolume, hu: np.ndarray, description: st
         ds.save_as(folder / f"{i + 1:0{width}d}.dcm", **_standard_file_format())
 
 
-
 def _standard_file_format() -> dict[str, bool]:
     """save_as() options that write a standard DICOM file (preamble, file meta): pydicom 3 (Python >= 3.10)
     renamed pydicom 2's write_like_original=False, and pydicom 2 is what Python 3.9 (Slicer 5.6/5.8) has."""
@@ -657,6 +656,7 @@ def _standard_file_format() -> dict[str, bool]:
     if int(pydicom.__version__.split(".")[0]) >= 3:
         return {"enforce_file_format": True}
     return {"write_like_original": False}
+
 
 def write_volume(path: str | os.PathLike, volume: CTVolume, hu: np.ndarray, *, description: str,
                  overwrite: bool = False) -> Path:
