@@ -98,6 +98,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outputRequest = None
         self._comparison = None
         self._updatingGui = False
+        self._shownModelPath = ""
         self._missing = []
 
     # ------------------------------------------------------------------ setup
@@ -188,7 +189,9 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is not None:
             previous, self._updatingGui = self._updatingGui, True
             try:
-                if self.ui.modelPathLineEdit.currentPath != node.modelPath:
+                # Compared with what was last shown, not the line edit's text (ctkPathLineEdit normalizes it).
+                if node.modelPath != self._shownModelPath:
+                    self._shownModelPath = node.modelPath
                     self.ui.modelPathLineEdit.currentPath = node.modelPath
                     self.loadModelCard()  # another model: other kernels
                 self._select(self.ui.targetKernelComboBox, node.targetKernel)
@@ -257,7 +260,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelPathChanged(self, path) -> None:
         if self._updatingGui or self._parameterNode is None:
             return
-        self._parameterNode.modelPath = str(path or "")
+        self._shownModelPath = self._parameterNode.modelPath = str(path or "")
         self.loadModelCard()
 
     def loadModelCard(self) -> None:

@@ -168,3 +168,19 @@ def test_closing_the_scene_during_a_run_kills_the_child_and_deletes_the_job(gui)
     assert widget.ui.statusLabel.text.startswith("Stopped: the scene was closed")
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
     widget.cleanup()  # then Slicer exits: nothing left to stop, no error
+
+
+def test_model_path_is_bound_both_ways(gui, tmp_path):
+    from model_factory import make_model_file
+
+    widget, _scene, _deps, _worker = gui
+    widget.setup()
+    ui = widget.ui
+    assert "untrained" not in ui.modelCardLabel.text  # the bundled default model
+    tiny = str(make_model_file(tmp_path / "tiny.safetensors", seed=3))
+    widget._parameterNode.modelPath = tiny  # e.g. a loaded scene
+    assert ui.modelPathLineEdit.currentPath == tiny and "untrained" in ui.modelCardLabel.text
+    widget.onDefaultModel()  # the user's click
+    assert widget._parameterNode.modelPath == "" and "untrained" not in ui.modelCardLabel.text
+    ui.modelPathLineEdit.currentPath = tiny  # the user picks a file
+    assert widget._parameterNode.modelPath == tiny and "untrained" in ui.modelCardLabel.text

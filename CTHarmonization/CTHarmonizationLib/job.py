@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -101,16 +102,15 @@ def translateEngineError(exc: BaseException) -> BaseException:
     """The module's error for an exception the engine raised (the exception itself if it has none)."""
     if isinstance(exc, tuple(_KINDS.values())):
         return exc
-    # Only engine modules that are already imported can have raised: look them up without importing torch.
-    from TextureStarGANCore.volume_io import InputError
-
-    if isinstance(exc, InputError):
+    # Only modules already imported can have raised: look them up, so that this never imports torch.
+    volume_io = sys.modules.get("TextureStarGANCore.volume_io")
+    inference = sys.modules.get("TextureStarGANCore.inference")
+    torch = sys.modules.get("torch")
+    if volume_io is not None and isinstance(exc, volume_io.InputError):
         return HarmonizationInputError(str(exc))
-    if type(exc).__name__ == "ModelFileError":  # checkpoint.ModelFileError (imports torch)
-        return HarmonizationInputError(str(exc))
-    if type(exc).__name__ == "HarmonizationCancelled":  # inference.HarmonizationCancelled
+    if inference is not None and isinstance(exc, inference.HarmonizationCancelled):
         return HarmonizationCancelled(str(exc))
-    if type(exc).__name__ == "OutOfMemoryError" or (
+    if (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
     ):
         return _outOfMemory(exc)
