@@ -365,7 +365,7 @@ def test_resblock_matches_reference_forward_and_backward(normalize: bool, dims, 
     assert torch.allclose(out, ref, atol=1e-10)
     g_ref = torch.autograd.grad(ref.square().sum(), [x, block.conv1.weight])
     g_out = torch.autograd.grad(out.square().sum(), [x, block.conv1.weight])
-    for a, b in zip(g_out, g_ref, strict=True):
+    for a, b in zip(g_out, g_ref):  # noqa: B905 (runs on Python 3.9 too)
         assert torch.allclose(a, b, atol=1e-9)
     x0 = x.detach().clone()
     with torch.inference_mode():  # in-place path, cached kernels; the input must stay untouched
@@ -385,7 +385,7 @@ def test_adain_block_matches_reference_forward_and_backward(dims, up: bool) -> N
     assert torch.allclose(out, ref, atol=1e-10)
     g_ref = torch.autograd.grad(ref.square().sum(), [x, block.conv1.weight])
     g_out = torch.autograd.grad(out.square().sum(), [x, block.conv1.weight])
-    for a, b in zip(g_out, g_ref, strict=True):
+    for a, b in zip(g_out, g_ref):  # noqa: B905 (runs on Python 3.9 too)
         assert torch.allclose(a, b, atol=1e-9)
     x0 = x.detach().clone()
     with torch.no_grad():

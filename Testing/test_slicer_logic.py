@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
@@ -24,7 +23,6 @@ from slicer_helpers import (  # noqa: E402
 )
 
 from CTHarmonization.CTHarmonizationLib import logic  # noqa: E402
-from TextureStarGANCore.inference import HarmonizationCancelled  # noqa: E402
 from TextureStarGANCore.volume_io import read_volume  # noqa: E402
 
 
@@ -127,7 +125,7 @@ def test_cancel_before_and_during_the_run_leaves_no_node(scene, model_path):
     n_before = count_volumes(scene)
     cancel = threading.Event()
     cancel.set()
-    with pytest.raises(HarmonizationCancelled):
+    with pytest.raises(logic.HarmonizationCancelled):
         logic.harmonizeVolumeNode(node, "B30f", sourceKernel="BONE", modelPath=model_path, device="cpu",
                                   cancelEvent=cancel, allowUntrained=True)
     assert count_volumes(scene) == n_before
@@ -145,7 +143,7 @@ def test_cancel_before_and_during_the_run_leaves_no_node(scene, model_path):
     original_batch = harmonizer.batch_size
     harmonizer.batch_size = 2
     try:
-        with pytest.raises(HarmonizationCancelled):
+        with pytest.raises(logic.HarmonizationCancelled):
             logic.harmonizeVolumeNode(node, "B30f", sourceKernel="BONE", modelPath=model_path, device="cpu",
                                       outputNode=existing, progressCallback=progress, cancelEvent=cancel,
                                       allowUntrained=True)
@@ -157,22 +155,11 @@ def test_cancel_before_and_during_the_run_leaves_no_node(scene, model_path):
     np.testing.assert_array_equal(voxels_of(node), voxels)
 
 
-def test_job_runs_on_a_worker_thread_with_progress_tracker(scene, model_path):
+def test_prepared_job_runs_without_mrml_and_feeds_the_progress_tracker(scene, model_path):
     node = add_volume(scene, body_phantom(slices=4, size=64))
     job = logic.prepareHarmonization(node, "B30f", "BONE", model_path, "cpu", allowUntrained=True)
     tracker = logic.ProgressTracker()
-    errors = []
-
-    def work():
-        try:
-            job.run(tracker, threading.Event())
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join(timeout=120)
-    assert not thread.is_alive() and not errors
+    job.run(tracker)
     assert tracker.snapshot()[:2] == (4, 4)
     out = logic.finishHarmonization(job, scene)
     assert out.GetAttribute("CTHarmonization.TargetKernel") == "B30f"
@@ -332,42 +319,14 @@ def test_bundled_sample_is_detected_as_bone_and_harmonized(scene, model_path, re
     np.testing.assert_array_equal(voxels_of(node), before)
 
 
-def test_subprocess_worker_gives_the_in_process_result_and_cancels(scene, model_path, tmp_path):
-    """The GUI's path: the job runs in a child Python process polled through files."""
-    import sys
-    import time
-
-    from CTHarmonization.CTHarmonizationLib import worker
-
-    node = add_volume(scene, body_phantom(slices=4, size=64), name="child")
-    job = logic.prepareHarmonization(node, "B30f", "BONE", model_path, "cpu", allowUntrained=True)
-    expected = logic.prepareHarmonization(node, "B30f", "BONE", model_path, "cpu", allowUntrained=True)
-    expected.run()
-
-    run = worker.SubprocessRun(job, python=sys.executable)
-    deadline = time.monotonic() + 300
-    while run.running() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert run.progress() == (4, 4)
-    finished = run.finish()
-    np.testing.assert_array_equal(finished.result, expected.result)
-    assert finished.runInfo["device"] == "cpu" and not run.folder.exists()
-    out = logic.finishHarmonization(finished, scene)
-    assert out.GetAttribute("CTHarmonization.SourceKernel") == "BONE"
-
-    # What the child does with a cancel request or bad values, run in this process (same function).
-    for voxels, code, error in ((body_phantom(slices=4, size=64), worker.EXIT_CANCELLED, None),
-                                (np.full((4, 64, 64), 300, np.int16), worker.EXIT_FAILED, "input")):
-        folder = tmp_path / f"job{code}"
-        folder.mkdir()
-        bad = add_volume(scene, body_phantom(slices=4, size=64), name="job")
-        job = logic.prepareHarmonization(bad, "B30f", "BONE", model_path, "cpu", allowUntrained=True)
-        job.volume = voxels
-        worker.writeJobFolder(job, folder)
-        if error is None:
-            (folder / worker.CANCEL).touch()
-        assert worker.runJobFolder(folder) == code
-        assert not (folder / worker.RESULT).exists()
-        if error:
-            assert json.loads((folder / worker.ERROR).read_text())["kind"] == error
-
+def test_detected_kernel_line_for_the_gui(scene, model_path, ct_small_path, real_ct_dir):
+    domains = logic.loadModel(model_path).domains
+    node = add_volume(scene, body_phantom(slices=4, size=64))
+    assert logic.describeDetectedKernel(node, domains).startswith("No DICOM kernel information")
+    known = FolderDicomDatabase([ct_small_path])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(known.uids))
+    assert logic.describeDetectedKernel(node, domains, known).endswith("= model kernel STANDARD")
+    unknown = FolderDicomDatabase(sorted(real_ct_dir.glob("*.dcm"))[:1])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(unknown.uids))
+    assert "STD+" in logic.describeDetectedKernel(node, domains, unknown)
+    assert "not one of the model's kernels" in logic.describeDetectedKernel(node, domains, unknown)

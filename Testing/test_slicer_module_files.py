@@ -93,6 +93,12 @@ def test_extension_metadata_and_description():
     assert "${Slicer_EXTENSION_GENERATE_CONFIG}" in top and "${Slicer_EXTENSION_CPACK}" in top
     entry = json.loads((MODULE / "CTHarmonization.json").read_text())
     assert {"$schema", "category", "scm_url"} <= set(entry)
+    # The catalog schema (slicer-extension-catalog-entry-schema-v1.0.1) allows no other keys: the supported
+    # Slicer versions are stated in the description and the README, not here.
+    assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                          "build_subdirectory", "enabled", "tier"}
+    assert "Slicer 5.6 or later" in re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', top).group(1)
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in top  # the 5.10 template's
     assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', top).group(1)
     depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', top).group(1).split()
     assert entry["build_dependencies"] == depends
@@ -139,6 +145,9 @@ function(slicerMacroBuildScriptedModule)
     endif()
     message(STATUS "BUNDLE ${rel}")
   endforeach()
+  # Like ctkMacroCompilePythonScript (NO_INSTALL_SUBDIR): the whole module build directory is installed.
+  install(DIRECTORY ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/
+    DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR} COMPONENT RuntimeLibraries)
 endfunction()
 function(slicer_add_python_unittest)
   cmake_parse_arguments(MY "" "SCRIPT" "" ${ARGN})
@@ -178,6 +187,10 @@ def test_cmake_configures_against_a_stub_slicer(tmp_path):
     installed = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)],
                                capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stdout + installed.stderr
+    # Each engine data file installed once (issue 19, point 10).
+    data = [line for line in installed.stdout.splitlines() if "TextureStarGANCore/samples/" in line
+            and line.endswith(".dcm")]
+    assert data and len(data) == len(set(data)) == len(list(ENGINE.glob("samples/sim_bone_ct/*.dcm"))), data
     sample = ENGINE / "samples" / "sim_bone_ct"
     target = prefix / "lib" / "Slicer" / "qt-scripted-modules" / "TextureStarGANCore"
     for path in sample.glob("*") if sample.is_dir() else []:

@@ -15,6 +15,7 @@ from TextureStarGANCore import volume_io
 from TextureStarGANCore.fileio import atomic_output
 from TextureStarGANCore.volume_io import (
     InputError,
+    _standard_file_format,
     list_dicom_series,
     read_volume,
     write_volume,
@@ -66,7 +67,7 @@ def copy_ct_small(ct_small_path: Path, folder: Path, count: int = 1, **changes) 
         ds.ImagePositionPatient = [-158.135803, -179.035797, -75.7 + 5.0 * i]
         for key, value in changes.items():
             setattr(ds, key, value)
-        ds.save_as(folder / f"slice{i:02d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"slice{i:02d}.dcm", **_standard_file_format())
     return folder
 
 
@@ -120,7 +121,7 @@ def test_dicom_round_trip_preserves_every_slice_geometry_and_tags(real_volume, r
     new_sops = {str(h.SOPInstanceUID) for h in back.dicom.headers}
     assert len(new_sops) == 28 and not (new_sops & old_sops)
     assert back.dicom.series_uid != real_volume.dicom.series_uid
-    for old, new in zip(real_volume.dicom.headers, back.dicom.headers, strict=True):
+    for old, new in zip(real_volume.dicom.headers, back.dicom.headers):  # noqa: B905 (3.9)
         assert list(new.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert list(new.ImageType)[2:] == list(old.ImageType)[2:]
         assert "B30f" in new.SeriesDescription

@@ -105,7 +105,7 @@ def make_model_card(
         "training": dict(training),
         "metrics": dict(metrics or {}),
         "intended_use": intended_use,
-        "created": created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
 
 from .masks import BODY_THRESHOLD_HU
 
-ArrayLike = np.ndarray | torch.Tensor
+ArrayLike = Union[np.ndarray, torch.Tensor]  # a run-time alias: no `X | Y` on Python 3.9
 
 __all__ = [
     "PreprocessSpec",
@@ -67,10 +67,10 @@ class PreprocessSpec:
 
     def validate(self) -> None:
         size = self.canvas_size
-        if not isinstance(size, int | np.integer) or isinstance(size, bool) or not 16 <= size <= 4096:
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 16 <= size <= 4096:
             raise ValueError(f"preprocessing.canvas_size must be an integer in 16..4096, got {size!r}")
         spacing = self.pixel_spacing_mm
-        if not isinstance(spacing, int | float) or not math.isfinite(spacing) or spacing <= 0:
+        if not isinstance(spacing, (int, float)) or not math.isfinite(spacing) or spacing <= 0:
             raise ValueError(f"preprocessing.pixel_spacing_mm must be a positive number, got {spacing!r}")
         if len(self.hu_window) != 2 or not all(math.isfinite(v) for v in self.hu_window):
             raise ValueError(f"preprocessing.hu_window must be two finite numbers, got {self.hu_window!r}")
@@ -80,11 +80,11 @@ class PreprocessSpec:
                 f"preprocessing.hu_window must be (low, high) with low < high, got {self.hu_window}"
             )
         bg = self.background_hu
-        if not isinstance(bg, int | float) or not math.isfinite(bg):
+        if not isinstance(bg, (int, float)) or not math.isfinite(bg):
             raise ValueError(f"preprocessing.background_hu must be a finite number, got {bg!r}")
         tile = self.tile_size
         if tile is not None and (
-            not isinstance(tile, int | np.integer) or isinstance(tile, bool) or not 16 <= tile <= size
+            not isinstance(tile, (int, np.integer)) or isinstance(tile, bool) or not 16 <= tile <= size
         ):
             raise ValueError(
                 f"preprocessing.tile_size must be null (whole canvas) or an integer in 16..canvas_size "
@@ -117,15 +117,15 @@ class PreprocessSpec:
         if unknown:
             raise ValueError(f"preprocessing has unknown field(s): {', '.join(unknown)}")
         window = d["hu_window"]
-        if not isinstance(window, list | tuple) or len(window) != 2:
+        if not isinstance(window, (list, tuple)) or len(window) != 2:
             raise ValueError(f"preprocessing.hu_window must be a list of two numbers, got {window!r}")
-        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in window):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in window):
             raise ValueError(f"preprocessing.hu_window must be a list of two numbers, got {window!r}")
         spacing = d["pixel_spacing_mm"]
-        if isinstance(spacing, bool) or not isinstance(spacing, int | float):
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)):
             raise ValueError(f"preprocessing.pixel_spacing_mm must be a number, got {spacing!r}")
         bg = d["background_hu"]
-        if isinstance(bg, bool) or not isinstance(bg, int | float):
+        if isinstance(bg, bool) or not isinstance(bg, (int, float)):
             raise ValueError(f"preprocessing.background_hu must be a number, got {bg!r}")
         return cls(
             canvas_size=d["canvas_size"],

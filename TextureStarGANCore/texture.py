@@ -235,7 +235,7 @@ class _ContrastGrid(torch.autograd.Function):
             idx = torch.nonzero(edge).squeeze(1)
             if idx.numel():
                 parts = _window_moments(c0.flatten()[idx], levels, s, radius)
-                for full, part in zip((w, m1, m2, m3), parts, strict=True):
+                for full, part in zip((w, m1, m2, m3), parts):
                     full.view(-1).index_copy_(0, idx, part)
         else:
             w, m1, m2, m3 = _window_moments(c0, levels, s, radius)

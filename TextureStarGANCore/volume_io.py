@@ -422,9 +422,9 @@ def read_dicom_files(files: Sequence[str | os.PathLike], where: str | None = Non
                          "(e.g. a localizer); select the axial series only.")
     n = len(headers)
     ipp = np.stack([_float_list(ds, "ImagePositionPatient", 3, p)
-                    for ds, p in zip(headers, paths, strict=True)])
+                    for ds, p in zip(headers, paths)])
     iop = np.stack([_float_list(ds, "ImageOrientationPatient", 6, p)
-                    for ds, p in zip(headers, paths, strict=True)])
+                    for ds, p in zip(headers, paths)])
     spacing_rc = _float_list(headers[0], "PixelSpacing", 2, paths[0])
     if (spacing_rc <= 0).any():
         raise InputError(f"{paths[0]} has a non-positive PixelSpacing {_numbers(spacing_rc)}.")
@@ -860,7 +860,17 @@ def _write_dicom(folder: Path, volume: CTVolume, hu: np.ndarray, description: st
         if meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             # Compressed or big-endian inputs: the new pixels are written uncompressed, little endian.
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.save_as(folder / f"{i + 1:0{width}d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{i + 1:0{width}d}.dcm", **_standard_file_format())
+
+
+def _standard_file_format() -> dict[str, bool]:
+    """save_as() options that write a standard DICOM file (preamble, file meta): pydicom 3 (Python >= 3.10)
+    renamed pydicom 2's write_like_original=False, and pydicom 2 is what Python 3.9 (Slicer 5.6/5.8) has."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        return {"enforce_file_format": True}
+    return {"write_like_original": False}
 
 
 def write_volume(path: str | os.PathLike, volume: CTVolume, hu: np.ndarray, *, description: str,

@@ -1,9 +1,11 @@
 """Slicer-side logic of the CTHarmonization module that needs MRML but not the Slicer application.
 
-`logic` harmonizes volume nodes, `worker` runs a harmonization job in a separate process for the GUI,
-`compare` builds the before/after comparison views, `render` writes them to a PNG offscreen,
+`logic` checks volume nodes and turns them into jobs and results into nodes, `job` defines the job (its
+fields, its folder, its errors and cancellation; no MRML), `worker` runs a job in a child process for the
+GUI, `compare` builds the before/after comparison views, `render` writes them to a PNG offscreen,
 `dependencies` checks and installs the Python packages the engine needs. Everything here runs with the
-`slicer-core` package (real MRML, no Qt), so it is tested with plain pytest.
+`slicer-core` package (real MRML, no Qt), so it is tested with plain pytest. It also runs on Python 3.9
+(Slicer 5.6 and 5.8): see Testing/test_bundled_python39.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ pydicom) are pinned to their installed versions so an install can never replace 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import re
@@ -20,6 +21,7 @@ __all__ = [
     "REQUIREMENTS_FILE",
     "DependencyError",
     "ensureDependencies",
+    "missingDependencies",
     "missingRequirements",
     "protectedConstraints",
     "readRequirements",
@@ -28,6 +30,7 @@ __all__ = [
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 PROTECTED_PACKAGES = ("SimpleITK", "numpy", "vtk", "pydicom")
+# load_state_dict(assign=True), used to load models without a second copy of the weights, needs torch 2.1.
 TORCH_REQUIREMENT = ">=2.1"
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -89,8 +92,27 @@ def torchInstalled() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def missingDependencies(requirements: list[str] | None = None,
+                        torchRequirement: str = TORCH_REQUIREMENT) -> list[str]:
+    """What the engine needs and does not have, as requirement lines ([] when everything is there).
+
+    Checked without importing anything, so the GUI can ask before the first import of the engine.
+    """
+    if requirements is None:
+        requirements = readRequirements()
+    importlib.invalidate_caches()  # packages installed since the last call (Install dependencies)
+    return missingRequirements([f"torch{torchRequirement}", *requirements])
+
+
 def _ensureTorch() -> None:
     if torchInstalled():
+        if missingRequirements([f"torch{TORCH_REQUIREMENT}"]):
+            # PyTorch Utils would not replace a torch that is loaded already: the user upgrades and restarts.
+            raise DependencyError(
+                f"PyTorch {importlib.metadata.version('torch')} is too old: CT Harmonization needs torch"
+                f"{TORCH_REQUIREMENT}. Open the PyTorch Utils module, uninstall PyTorch, set the version "
+                f"requirement to '{TORCH_REQUIREMENT}', install it and restart Slicer."
+            )
         return
     try:
         import PyTorchUtils

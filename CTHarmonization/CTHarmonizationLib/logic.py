@@ -1,29 +1,38 @@
 """Harmonize a CT volume node with the TextureStarGANCore engine (MRML only; no Slicer application needed).
 
-The work is split in three steps so that the GUI can run the slow middle one on a worker thread:
-`prepareHarmonization` (main thread: checks the input, copies its voxels, resolves model and kernels),
-`HarmonizationJob.run` (any thread: only numpy/torch, never MRML, which is not thread-safe) and
-`finishHarmonization` (main thread: creates or fills the output node). `harmonizeVolumeNode` runs all three.
-Nothing is added to the scene before the engine has finished, so a cancelled or failed run leaves no
-half-filled node behind, and the input node's voxels are only ever read.
+A run has three steps: `prepareHarmonization` (main thread: checks the input, copies its voxels, resolves
+model and kernels into a `job.HarmonizationJob`), running the job (no MRML: in this process with
+`HarmonizationJob.run`, or in the GUI's child process through `worker.SubprocessRun`) and
+`finishHarmonization` (main thread: creates or fills the output node). `harmonizeVolumeNode` runs all three
+in this process. Nothing is added to the scene before the engine has finished, so a cancelled or failed run
+leaves no half-filled node behind, and the input node's voxels are only ever read.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import ensureEnginePath
+from .job import (
+    HarmonizationCancelled,
+    HarmonizationError,
+    HarmonizationInputError,
+    HarmonizationJob,
+    HarmonizationOutOfMemoryError,
+    ProgressCallback,
+    getHarmonizer,
+    loadModel,
+)
 
 ensureEnginePath()
 
+# The engine's domains module is pure Python (no torch): safe to import before the dependencies are in.
 from TextureStarGANCore.domains import (  # noqa: E402
     Domain,
     UnknownDomainError,
@@ -31,16 +40,20 @@ from TextureStarGANCore.domains import (  # noqa: E402
     detect_domain,
     resolve_domain,
 )
-from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file  # noqa: E402
-from TextureStarGANCore.volume_io import InputError  # noqa: E402
+
+if TYPE_CHECKING:
+    from TextureStarGANCore.model_file import ModelFile
 
 __all__ = [
     "ATTRIBUTE_PREFIX",
+    "HarmonizationCancelled",
+    "HarmonizationError",
     "HarmonizationInputError",
     "HarmonizationJob",
     "HarmonizationOutOfMemoryError",
     "ProgressTracker",
     "availableDevices",
+    "describeDetectedKernel",
     "dicomTagsOfNode",
     "finishHarmonization",
     "getHarmonizer",
@@ -62,52 +75,24 @@ DICOM_TAGS = {
 # The model was trained on axial slices; a slice axis more than 45 degrees off S-I is not axial.
 MAX_SLICE_AXIS_TILT_DEG = 45.0
 
-ProgressCallback = Callable[[int, int], Any]
-
-
-class HarmonizationInputError(ValueError):
-    """The inputs cannot be harmonized; the message names the problem and what to do about it."""
-
-
-class HarmonizationOutOfMemoryError(RuntimeError):
-    """The GPU ran out of memory even after the engine retried with smaller batches."""
-
-
-def _cancelledClass() -> type[BaseException]:
-    from TextureStarGANCore.inference import HarmonizationCancelled as cls
-
-    return cls
-
-
-def __getattr__(name: str) -> Any:
-    # `HarmonizationCancelled` lives in the engine's inference module, which imports torch: resolve it
-    # lazily so that importing this module (and showing the GUI) does not need torch yet.
-    if name == "HarmonizationCancelled":
-        return _cancelledClass()
-    raise AttributeError(name)
-
-
 # --------------------------------------------------------------------------------------------------
-# Progress shared between the worker thread and the GUI timer
+# Progress of a run, for the status line
 # --------------------------------------------------------------------------------------------------
 class ProgressTracker:
-    """Thread-safe record of slices done; the engine's progress callback writes, the GUI timer reads."""
+    """Slices done and the time left; fed by the GUI timer with what the child process last reported."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._lock = threading.Lock()
         self._start = clock()
         self._done = 0
         self._total = 0
 
     def __call__(self, done: int, total: int) -> None:
-        with self._lock:
-            self._done, self._total = int(done), int(total)
+        self._done, self._total = int(done), int(total)
 
     def snapshot(self) -> tuple[int, int, float, float | None]:
         """(done, total, seconds elapsed, seconds left or None while unknown)."""
-        with self._lock:
-            done, total = self._done, self._total
+        done, total = self._done, self._total
         elapsed = self._clock() - self._start
         remaining = elapsed / done * (total - done) if done > 0 and total >= done else None
         return done, total, elapsed, remaining
@@ -131,40 +116,6 @@ def _clock(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------------
 # Model file and devices
 # --------------------------------------------------------------------------------------------------
-_cacheLock = threading.Lock()
-_modelCache: dict[tuple, ModelFile] = {}
-_harmonizerCache: dict[tuple, Any] = {}
-
-
-def _fileKey(path: Path) -> tuple:
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-def loadModel(modelPath: str | Path | None = None) -> ModelFile:
-    """The validated model file (None = the bundled default), cached while the file is unchanged.
-
-    Raises HarmonizationInputError with the engine's explanation for a missing or invalid file.
-    """
-    path = Path(modelPath) if modelPath else DEFAULT_MODEL_PATH
-    try:
-        key = _fileKey(path)
-    except OSError:
-        key = None
-    with _cacheLock:
-        if key is not None and key in _modelCache:
-            return _modelCache[key]
-    try:
-        model = load_model_file(path)
-    except ModelFileError as exc:
-        raise HarmonizationInputError(str(exc)) from None
-    with _cacheLock:
-        _modelCache.clear()  # one model at a time: weights can be hundreds of MB
-        if key is not None:
-            _modelCache[key] = model
-    return model
-
-
 def modelCardSummary(model: ModelFile) -> str:
     """A few lines about the model for the GUI: kernels, training, intended use."""
     card = model.card
@@ -199,24 +150,6 @@ def availableDevices() -> list[tuple[str, str]]:
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
         return [("auto", f"Auto (GPU: {gpu})"), ("cuda", f"GPU: {gpu}, {memory:.0f} GB"), ("cpu", "CPU")]
     return [("auto", "Auto (no CUDA GPU found: CPU)"), ("cpu", "CPU")]
-
-
-def getHarmonizer(model: ModelFile, device: str) -> Any:
-    """A Harmonizer for the model on the device, kept for the next run (loading takes seconds)."""
-    from TextureStarGANCore.inference import Harmonizer, resolve_device
-
-    try:
-        dev = str(resolve_device(device))
-    except ValueError as exc:
-        raise HarmonizationInputError(f"{exc}. Choose Auto or CPU as the device.") from None
-    key = (str(model.path), id(model), dev)
-    with _cacheLock:
-        cached = _harmonizerCache.get(key)
-        if cached is None:
-            _harmonizerCache.clear()  # release the previous model's GPU memory
-            cached = Harmonizer(model, device=dev)
-            _harmonizerCache[key] = cached
-    return cached
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +290,20 @@ def dicomTagsOfNode(node: Any, dicomDatabase: Any = None) -> dict[str, str]:
     return tags
 
 
+def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any = None) -> str:
+    """One line for the GUI: the kernel DICOM reports for `node` and which model kernel it is, if any."""
+    tags = dicomTagsOfNode(node, dicomDatabase)
+    kernel = tags.get("ConvolutionKernel")
+    if not kernel:
+        return "No DICOM kernel information: choose the source kernel."
+    scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
+    domain = detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), kernel)
+    if domain is None:
+        return (f"DICOM: kernel {kernel} ({scanner}) is not one of the model's kernels: choose the closest "
+                "source kernel.")
+    return f"DICOM: kernel {kernel} ({scanner}) = model kernel {domain.name}"
+
+
 def _resolveSource(
     node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any
 ) -> tuple[Domain, str]:
@@ -392,60 +339,8 @@ def _resolveSource(
 
 
 # --------------------------------------------------------------------------------------------------
-# The job
+# MRML -> job -> MRML
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class HarmonizationJob:
-    """Everything the worker needs, copied out of MRML on the main thread."""
-
-    model: ModelFile
-    device: str
-    target: Domain
-    source: Domain
-    sourceFoundBy: str
-    inputNodeID: str
-    inputName: str
-    volume: np.ndarray
-    spacing: tuple[float, float, float]
-    ijkToRas: np.ndarray
-    parentTransformID: str | None
-    reference: tuple[np.ndarray, tuple[float, float, float]] | None = None
-    referenceName: str | None = None
-    result: np.ndarray | None = field(default=None, repr=False)
-    runInfo: dict[str, Any] = field(default_factory=dict)
-
-    def run(self, progressCallback: ProgressCallback | None = None,
-            cancelEvent: threading.Event | None = None) -> np.ndarray:
-        """Harmonize the copied voxels (safe on a worker thread). Raises HarmonizationCancelled,
-        HarmonizationInputError (e.g. values that are not CT) or HarmonizationOutOfMemoryError."""
-        import torch
-
-        harmonizer = getHarmonizer(self.model, self.device)
-        try:
-            self.result = harmonizer.harmonize(
-                self.volume, self.spacing, self.target.name, source=self.source.name,
-                reference=self.reference, progress=progressCallback, cancel=cancelEvent,
-            )
-        except InputError as exc:
-            raise HarmonizationInputError(str(exc)) from None
-        except torch.cuda.OutOfMemoryError as exc:
-            raise _outOfMemory(exc) from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
-                raise _outOfMemory(exc) from None
-            raise
-        self.runInfo = dict(harmonizer.last_run)
-        return self.result
-
-
-def _outOfMemory(exc: BaseException) -> HarmonizationOutOfMemoryError:
-    detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return HarmonizationOutOfMemoryError(
-        f"The GPU ran out of memory, even after retrying with fewer slices at a time ({detail}). Close other "
-        "programs that use the GPU, or run on the CPU (Device: CPU): slower, but not limited by GPU memory."
-    )
-
-
 def prepareHarmonization(
     inputNode: Any,
     targetKernel: str | int,
@@ -593,7 +488,7 @@ def harmonizeVolumeNode(
     device: str = "auto",
     outputNode: Any = None,
     progressCallback: ProgressCallback | None = None,
-    cancelEvent: threading.Event | None = None,
+    cancelEvent: Any = None,
     *,
     referenceNode: Any = None,
     dicomDatabase: Any = None,
