@@ -4,6 +4,7 @@
                 [--device auto|cpu|cuda] [--compare-png PNG] [--overwrite] [--series UID]
                 [--batch-size N] [--allow-untrained]
     ctharmonize info [--model PATH]
+    ctharmonize cohort INPUT_ROOT --target KERNEL --output OUTPUT_ROOT [...]   (see cohort.py)
 
 Every check that can fail runs before anything is written; outputs are written atomically; Ctrl-C
 cancels cleanly. Exit codes: 0 done, 2 bad input or usage (nothing written), 1 unexpected failure,
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import cohort
 from .domains import Domain, UnknownDomainError, describe_domains, resolve_domain
 from .masks import BODY_THRESHOLD_HU
 from .model_file import DEFAULT_MODEL_PATH, ModelFile, ModelFileError, load_model_file
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "texture it sees (default), keep it, or drop it")
     h.add_argument("--allow-untrained", action="store_true",
                    help="accept a model with untrained (random) weights; for tests only")
+    c = sub.add_parser("cohort", help="harmonize every CT series of a folder tree (resumable, parallel)",
+                       description="Harmonize every CT series under INPUT_ROOT into a mirrored tree under "
+                                   "OUTPUT_ROOT, with manifest.csv and report.md.")
+    cohort.add_arguments(c)
     i = sub.add_parser("info", help="print a model card", description="Print a model file's card.")
     i.add_argument("--model", type=Path, help="model file (.safetensors); default: the bundled model")
     return parser
@@ -151,7 +157,7 @@ def _harmonize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .figures import save_comparison_png
-    from .inference import HarmonizationCancelled, Harmonizer
+    from .inference import HarmonizationCancelled, Harmonizer, harmonized_description
 
     model = _load_model(args.model)
     if not model.trained and not args.allow_untrained:
@@ -198,8 +204,8 @@ def _harmonize(args: argparse.Namespace) -> int:
         except HarmonizationCancelled:
             raise KeyboardInterrupt from None
     seconds = time.perf_counter() - t0
-    description = f"Harmonized to {target.name} (kernel {target.kernel}) from {source.name}"
-    write_volume(args.output, volume, result, description=description, overwrite=args.overwrite)
+    write_volume(args.output, volume, result, description=harmonized_description(target, source),
+                 overwrite=args.overwrite)
     print(f"wrote {args.output} ({'DICOM derived series' if kind == 'dicom' else kind}) in {seconds:.1f} s "
           f"({n / max(seconds, 1e-9):.1f} slices/s)", file=sys.stderr)
     if args.compare_png is not None:
@@ -244,6 +250,8 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ctharmonize``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "cohort":
+        return cohort.run_command(args)
     try:
         return _harmonize(args) if args.command == "harmonize" else _info(args)
     except (_UsageError, InputError, UnknownDomainError, ModelFileError) as exc:

@@ -33,6 +33,7 @@ __all__ = [
     "discover",
     "is_dicom",
     "read_header",
+    "volume_suffix",
 ]
 
 MAX_OBLIQUE_DEG = 40.0  # slice normal vs patient z; gantry tilts (up to ~30 deg) stay "axial"
@@ -162,7 +163,8 @@ class Discovery:
     filtered_out: int = 0  # series left out by --include / --exclude
 
 
-def _volume_suffix(name: str) -> str:
+def volume_suffix(name: str) -> str:
+    """The volume-file suffix of a file name ('.nii.gz', '.nrrd', ...), '' for any other name."""
     low = name.lower()
     return next((s for s in VOLUME_SUFFIXES if low.endswith(s)), "")
 
@@ -251,7 +253,7 @@ def discover(root: str | os.PathLike, include: Sequence[str] = (), exclude: Sequ
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            (volume_files if _volume_suffix(name) else others).append(Path(dirpath) / name)
+            (volume_files if volume_suffix(name) else others).append(Path(dirpath) / name)
     series = _dicom_series(root) if others else []
     dicom_files = {f for s in series for f in s.files}
     series += [_volume_file(p, root) for p in volume_files]

@@ -37,8 +37,8 @@ from .model_file import ModelFile, instantiate, load_model_file
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
 from .volume_io import CTVolume, validate_ct_values
 
-__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device", "REFERENCE_SLICES",
-           "run_generator_tiled", "tile_starts", "tile_window"]
+__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "harmonized_description",
+           "resolve_device", "REFERENCE_SLICES", "run_generator_tiled", "tile_starts", "tile_window"]
 
 ProgressFn = Callable[[int, int], Any]
 GeneratorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,6 +78,11 @@ def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) 
     tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
     return detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"),
                          tags.get("ConvolutionKernel"))
+
+
+def harmonized_description(target: Domain, source: Domain) -> str:
+    """The SeriesDescription / DerivationDescription of a harmonized output (``harmonize`` and ``cohort``)."""
+    return f"Harmonized to {target.name} (kernel {target.kernel}) from {source.name}"
 
 
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:
