@@ -110,7 +110,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def _output_paths(series: Sequence[CohortSeries]) -> dict[int, str]:
     """Relative output path per series id(): the input's relative path (mirrored tree).
 
-    A DICOM series gets a sub-folder named by its UID when its folder holds several CT series, when it
+    A DICOM series gets a sub-folder named by its UID (dots made '_', so no suffix is read into it) when
+    its folder holds several CT series, when it
     lies directly in the root, or when another output lies below its folder: each output folder holds
     exactly one series, so its atomic replacement never touches another. Computed on the whole
     discovery (not a shard) so every shard and every re-run agree.
@@ -130,16 +131,19 @@ def _output_paths(series: Sequence[CohortSeries]) -> dict[int, str]:
         if not own:
             out[id(s)] = s.path
         else:
-            out[id(s)] = s.series_uid if s.path == "." else f"{s.path}/{s.series_uid}"
+            name = "series_" + s.series_uid.replace(".", "_")
+            out[id(s)] = name if s.path == "." else f"{s.path}/{name}"
     return out
 
 
 def _source(series: CohortSeries, domains: Sequence[Domain],
             fallback: Domain | None) -> tuple[Domain | None, str]:
-    """The series' source domain from its tags (else ``fallback``), or None and why."""
+    """The series' source domain from its tags (else ``fallback``, noted), or None and why not."""
     found = detect_domain(domains, series.manufacturer, series.scanner_model, series.kernel)
-    if found is not None or fallback is not None:
-        return found or fallback, ""
+    if found is not None:
+        return found, ""
+    if fallback is not None:
+        return fallback, "source kernel from --source"
     if series.kernel:
         return None, (f"source kernel {series.kernel!r} ({series.scanner}) is not one the model knows "
                       f"({describe_domains(domains)}); pass --source KERNEL to harmonize such series anyway")
@@ -171,7 +175,9 @@ def _plan(found: Sequence[CohortSeries], out_root: Path, in_root: Path, model: M
         items.append(item)
         reason = s.skip_reason
         if not reason:
-            item.source, reason = _source(s, model.domains, fallback)
+            item.source, note = _source(s, model.domains, fallback)
+            reason = "" if item.source is not None else note
+            item.notes += [note] if item.source is not None and note else []
         if reason:
             item.action, row["status"], row["reason"] = "skip", "skipped", reason
             continue
@@ -181,8 +187,6 @@ def _plan(found: Sequence[CohortSeries], out_root: Path, in_root: Path, model: M
         item.output = out_root / outputs[id(s)]
         if item.source.id == target.id:
             item.notes.append("already the target kernel")
-        if fallback is not None and item.source is fallback:
-            item.notes.append("source kernel from --source")
         prev = previous.get((s.path, s.series_uid))
         if prev is None or (prev["model_id"], prev["target"]) != (mid, target.name) \
                 or prev["status"] not in ("done", "failed") or (prev["status"] == "failed" and retry_failed):
