@@ -201,11 +201,8 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(model, tmp_path):
-    root, out = tmp_path / "in", tmp_path / "out"
-    for k in range(6):
-        make_series(root / f"p{k}" / "ct", 2, seed=k)
-    before = digest(root)
+def interrupted_run(root: Path, out: Path, model: Path, sig: int) -> int:
+    """Run the cohort command in a child process; send ``sig`` once the first series is done."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
     args = ["cohort", str(root), "--target", "B30f", "--output", str(out), "--model", str(model),
             "--device", "cpu"]
@@ -218,9 +215,24 @@ def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(model, tmp_path):
             if manifest.exists() and any(r["status"] == "done" for r in rows(manifest)):
                 break
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)  # a crash: no clean-up at all
+        proc.send_signal(sig)
+        return proc.wait(60)
     finally:
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def small_cohort(root: Path, n: int = 6) -> Path:
+    for k in range(n):
+        make_series(root / f"p{k}" / "ct", 2, seed=k)
+    return root
+
+
+@pytest.mark.slow  # a child process (torch import): ~12 s on a quiet machine, 35 s under load
+def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(model, tmp_path):
+    root, out = small_cohort(tmp_path / "in"), tmp_path / "out"
+    before = digest(root)
+    interrupted_run(root, out, model, signal.SIGKILL)  # a crash: no clean-up at all
     crashed = rows(out / "manifest.csv")
     done = {r["series_uid"]: r for r in crashed if r["status"] == "done"}
     assert 1 <= len(done) < 6, "the crash must come mid-cohort"
@@ -235,6 +247,17 @@ def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(model, tmp_path):
     for uid, r in done.items():  # nothing redone
         assert [p.stat().st_mtime_ns for p in sorted((out / r["output_path"]).iterdir())] == stamps[uid]
     assert not temporaries(out) and digest(root) == before
+
+
+@pytest.mark.slow  # as above
+def test_ctrl_c_finishes_cleanly_and_a_rerun_completes(model, tmp_path):
+    root, out = small_cohort(tmp_path / "in", 5), tmp_path / "out"
+    assert interrupted_run(root, out, model, signal.SIGINT) == 130
+    stopped = rows(out / "manifest.csv")
+    assert {r["status"] for r in stopped} == {"done", "pending"}  # nothing marked failed by the stop
+    assert not temporaries(out) and "CANCELLED" in (out / "report.md").read_text()
+    done = sum(r["status"] == "done" for r in stopped)
+    assert run_cohort(root, out, "B30f", model_path=model, device="cpu").ran == 5 - done
 
 
 @pytest.mark.slow
