@@ -105,6 +105,11 @@ def main() -> None:
         for s in usable:
             input_checksum(s.files, root)
         checksum_s = time.perf_counter() - t
+        import torch
+
+        # One thread per worker in both runs: on this shared, oversubscribed 2-core machine a second
+        # OpenMP thread mostly waits (conftest.py), which would make 1 worker look worse than it is.
+        torch.set_num_threads(1)
         runs = []
         for workers in (1, 2):
             t = time.perf_counter()
@@ -120,8 +125,6 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    import torch
-
     lines = [
         "`Testing/benchmarks/bench_cohort.py` on " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + ".",
         f"Machine: {cpu_name()}, {os.cpu_count()} logical cores, no GPU, torch {torch.__version__}. "
@@ -132,22 +135,25 @@ def main() -> None:
         "scout, SR, dose screen). Bundled default model, target B30f, `--source STANDARD` for unknown "
         "kernels.",
         "",
-        "| workers | wall s (all) | harmonization s | series/hour | slices/s | discovery + plan s | "
-        "manifest writes s | overhead |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workers | wall s (all) | harmonization s | series/hour | slices/s | s per series (mean) | "
+        "busy workers | discovery + plan s | manifest writes s | overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workers, run, total in runs:
         overhead = (run.plan_seconds + run.manifest_seconds + checksum_s) / run.seconds
+        per_series = [float(r["seconds"]) for r in run.rows if r["status"] == "done"]
         lines.append(f"| {workers} | {total:.1f} | {run.seconds:.1f} | {len(usable) * 3600 / total:.0f} | "
-                     f"{slices / total:.2f} | {run.plan_seconds:.2f} | {run.manifest_seconds:.3f} | "
-                     f"{100 * overhead:.2f} % |")
+                     f"{slices / total:.2f} | {sum(per_series) / len(per_series):.1f} | "
+                     f"{sum(per_series) / run.seconds:.2f} | {run.plan_seconds:.2f} | "
+                     f"{run.manifest_seconds:.3f} | {100 * overhead:.2f} % |")
     lines += [
         "",
         f"Overhead = (discovery + plan + manifest rewrites + input checksums) / harmonization wall time; the "
         f"checksums of all {len(usable)} series take {checksum_s:.2f} s (warm page cache; they run inside "
         f"the workers). A resume run that finds all {len(usable)} series done (discovery, checksums, "
         f"manifest, report) takes {resume_s:.1f} s. 2 workers: 2 processes with 1 torch thread each (spawn "
-        "and model load included in the wall time); 1 worker: in-process, 2 torch threads.",
+        "and model load included in the wall time); 1 worker: in-process, 1 torch thread. s per series = read + "
+        "harmonize + write of one series; busy workers = their sum / harmonization wall time.",
     ]
     text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
