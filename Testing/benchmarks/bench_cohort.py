@@ -152,8 +152,8 @@ def main() -> None:
         f"checksums of all {len(usable)} series take {checksum_s:.2f} s (warm page cache; they run inside "
         f"the workers). A resume run that finds all {len(usable)} series done (discovery, checksums, "
         f"manifest, report) takes {resume_s:.1f} s. 2 workers: 2 processes with 1 torch thread each (spawn "
-        "and model load included in the wall time); 1 worker: in-process, 1 torch thread. s per series = read + "
-        "harmonize + write of one series; busy workers = their sum / harmonization wall time.",
+        "and model load included in the wall time); 1 worker: in-process, 1 torch thread. s per series = "
+        "read + harmonize + write of one series; busy workers = their sum / harmonization wall time.",
     ]
     text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
