@@ -177,9 +177,10 @@ def test_shards_cover_each_series_exactly_once_and_merge(tree, model, tmp_path):
     everything = {(s.path, s.series_uid) for s in discover(root).series}
     assert sum(len(s) for s in shard_rows) == len(everything) == 7
     assert set().union(*shard_rows) == everything
-    merged = merge(out)
-    assert {(r["path"], r["series_uid"]) for r in merged} == everything
-    assert len(rows(out / "manifest.csv")) == 7 and "merged from" in (out / "report.md").read_text()
+    assert cli.main(["cohort", "--merge", str(out)]) == 0
+    merged = rows(out / "manifest.csv")
+    assert len(merged) == 7 and {(r["path"], r["series_uid"]) for r in merged} == everything
+    assert "merged from" in (out / "report.md").read_text()
     # A re-run without shards finds everything done.
     assert run_cohort(root, out, "B30f", model_path=model, device="cpu", source="STANDARD").ran == 0
 

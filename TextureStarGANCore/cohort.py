@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import multiprocessing as mp
 import os
@@ -155,7 +156,7 @@ def _remove_temporaries(output: Path) -> None:
     stem = output.name[: len(output.name) - len(volume_suffix(output.name))] or output.name
     if not output.parent.is_dir():
         return
-    for pattern in (f".{stem}{TEMP_MARKER}*", f".{output.name}.old-*"):
+    for pattern in (f".{glob.escape(stem)}{TEMP_MARKER}*", f".{glob.escape(output.name)}.old-*"):
         for p in output.parent.glob(pattern):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -319,7 +320,8 @@ class _Pool:
 
 def _execute(run_items: Sequence[_Item], model: ModelFile, device: str, slots: list, target: Domain,
              in_root: Path, fine_detail: str, save: Any, err: TextIO) -> tuple[int, bool]:
-    """Harmonize ``run_items``; ``save()`` after every finished series. Returns (series run, cancelled)."""
+    """Harmonize ``run_items``; ``save()`` after every finished series. Returns (series run, cancelled by
+    the user); series no worker could take stay pending."""
     from tqdm import tqdm
 
     from .inference import harmonized_description
@@ -384,10 +386,9 @@ def _execute(run_items: Sequence[_Item], model: ModelFile, device: str, slots: l
                     record(msg[2], msg[3])
                 elif kind == "cancelled":
                     inflight[w].discard(msg[2])
-                elif kind == "fatal":
+                elif kind == "fatal":  # the others go on; with none left, the rest stays pending
                     bar.write(f"error: worker {w} could not start: {msg[2]}", file=err)
-                    pool.cancel.set()
-                    cancelled = True
+                    alive.discard(w)
                 elif kind == "exit":
                     alive.discard(w)
             except KeyboardInterrupt:
@@ -399,7 +400,7 @@ def _execute(run_items: Sequence[_Item], model: ModelFile, device: str, slots: l
                           file=err)
     bar.close()
     pool.stop(timeout=0.0 if alive else 30.0)
-    return ran, cancelled or bool(outstanding)
+    return ran, cancelled
 
 
 def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, target: str, *,
@@ -517,8 +518,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``ctharmonize cohort``; returns the exit code (0 all done or skipped, 1 some failed, 2 bad
-    input, 130 cancelled)."""
+    """Run ``ctharmonize cohort``; returns the exit code (0 all done or skipped, 1 some failed or not run,
+    2 bad input, 130 cancelled)."""
     try:
         if args.merge is not None:
             rows = merge(args.merge)
@@ -542,7 +543,9 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_CANCELLED
     if run.cancelled:
         return EXIT_CANCELLED
-    return EXIT_FAILED if run.count("failed") else EXIT_OK
+    if args.dry_run:
+        return EXIT_OK
+    return EXIT_FAILED if run.count("failed") or run.count("pending") else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,7 +181,8 @@ def _dicom_series(root: Path) -> list[CohortSeries]:
         # output tree keeps folders, and read_dicom_files must never mix two copies.
         by_folder: dict[Path, list[Path]] = {}
         for f in summary.files:
-            by_folder.setdefault(f.parent, []).append(f)
+            if not any(part.startswith(".") for part in f.relative_to(root).parts):
+                by_folder.setdefault(f.parent, []).append(f)
         for folder, files in sorted(by_folder.items()):
             s = CohortSeries(_rel(folder, root), summary.series_uid, "dicom", files, summary.modality,
                              summary.manufacturer, summary.model, summary.kernel, summary.description,
