@@ -17,7 +17,7 @@ import pytest
 from cohort_tree import make_mixed_tree, make_series
 from model_factory import make_model_file
 
-from TextureStarGANCore import cli
+from TextureStarGANCore import cli, cohort
 from TextureStarGANCore.cohort import run_cohort, shard_of
 from TextureStarGANCore.cohort_manifest import merge
 from TextureStarGANCore.config import ModelConfig
@@ -187,11 +187,29 @@ def test_shards_cover_each_series_exactly_once_and_merge(tree, model, tmp_path):
     (out / "manifest.shard-2-of-3.csv").unlink()
     with pytest.raises(InputError, match="shard"):
         merge(out)
+    assert cohort.main(["merge", str(out)]) == 2  # python -m TextureStarGANCore.cohort merge OUTPUT_ROOT
+
+
+def test_one_worker_per_gpu_each_sees_its_own(monkeypatch):
+    """Worker slots: CPU workers as asked; on CUDA one per visible GPU (CUDA_VISIBLE_DEVICES per worker)."""
+    import torch
+
+    from TextureStarGANCore import inference
+
+    assert cohort._slots("cpu", 2) == [("cpu", None), ("cpu", None)]
+    monkeypatch.setattr(inference, "resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cohort._slots("cuda", None) == [("cuda", "0"), ("cuda", "1"), ("cuda", "2")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert cohort._slots("cuda", None) == [("cuda", "4"), ("cuda", "6")]
+    assert cohort._slots("cuda", 3) == [("cuda", "4"), ("cuda", "6"), ("cuda", "4")]
+    assert cohort._slots("cuda:1", None) == [("cuda", "6")]
 
 
 _SLOW_RUN = """
 import sys, time
-from TextureStarGANCore import cli
+from TextureStarGANCore import cli, cohort
 from TextureStarGANCore.inference import Harmonizer
 real = Harmonizer.harmonize
 def slow(self, *a, **k):
