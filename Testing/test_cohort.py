@@ -20,6 +20,7 @@ from model_factory import make_model_file
 from TextureStarGANCore import cli, cohort
 from TextureStarGANCore.cohort import run_cohort, shard_of
 from TextureStarGANCore.cohort_manifest import merge
+from TextureStarGANCore.cohort_pool import worker_slots
 from TextureStarGANCore.config import ModelConfig
 from TextureStarGANCore.discovery import discover
 from TextureStarGANCore.fileio import TEMP_MARKER
@@ -196,15 +197,15 @@ def test_one_worker_per_gpu_each_sees_its_own(monkeypatch):
 
     from TextureStarGANCore import inference
 
-    assert cohort._slots("cpu", 2) == [("cpu", None), ("cpu", None)]
+    assert worker_slots("cpu", 2) == [("cpu", None), ("cpu", None)]
     monkeypatch.setattr(inference, "resolve_device", lambda device: torch.device(device))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert cohort._slots("cuda", None) == [("cuda", "0"), ("cuda", "1"), ("cuda", "2")]
+    assert worker_slots("cuda", None) == [("cuda", "0"), ("cuda", "1"), ("cuda", "2")]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    assert cohort._slots("cuda", None) == [("cuda", "4"), ("cuda", "6")]
-    assert cohort._slots("cuda", 3) == [("cuda", "4"), ("cuda", "6"), ("cuda", "4")]
-    assert cohort._slots("cuda:1", None) == [("cuda", "6")]
+    assert worker_slots("cuda", None) == [("cuda", "4"), ("cuda", "6")]
+    assert worker_slots("cuda", 3) == [("cuda", "4"), ("cuda", "6"), ("cuda", "4")]
+    assert worker_slots("cuda:1", None) == [("cuda", "6")]
 
 
 _SLOW_RUN = """

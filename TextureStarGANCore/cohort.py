@@ -9,8 +9,9 @@
    know are listed as skipped with the reason.
 2. Plan: output path (mirrored tree), shard (stable hash of the series UID), resume (a series already done
    with the same input checksum, model and target is kept; failed ones are kept unless --retry-failed).
-3. Run: one model per worker (``cohort_worker``), series pulled dynamically from one queue; the manifest
-   is rewritten atomically after every series, so a crash or Ctrl-C loses at most the series in flight.
+3. Run: one model per worker (``cohort_pool`` starts them, ``cohort_worker`` is one), series pulled
+   dynamically from one queue; the manifest is rewritten atomically after every series, so a crash or
+   Ctrl-C loses at most the series in flight.
 
 Runs on Python 3.9 (bundled into the Slicer extension).
 """
@@ -18,27 +19,24 @@ Runs on Python 3.9 (bundled into the Slicer extension).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import hashlib
-import multiprocessing as mp
 import os
-import queue
 import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from .cohort_manifest import STATUSES, manifest_name, merge, previous_rows, write_manifest, write_report
-from .cohort_worker import Task, input_checksum, serve, worker_process
+from .cohort_pool import execute, worker_slots
+from .cohort_worker import Task, input_checksum
 from .discovery import CohortSeries, discover, volume_suffix
 from .domains import Domain, UnknownDomainError, describe_domains, detect_domain, resolve_domain
 from .fileio import TEMP_MARKER
+from .inference import harmonized_description
 from .model_file import ModelFile, ModelFileError, load_model_file
 from .volume_io import InputError
 
@@ -219,190 +217,6 @@ def _print_plan(items: Sequence[_Item], out: TextIO) -> None:
           f"before (kept), {counts['skip']} skipped", file=out)
 
 
-def _slots(device: str, workers: int | None) -> list[tuple[str, str | None]]:
-    """(device, CUDA_VISIBLE_DEVICES value) per worker: on CUDA one worker per GPU by default."""
-    from .inference import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type != "cuda":
-        return [("cpu", None)] * (workers or 1)
-    import torch
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else \
-        [str(i) for i in range(torch.cuda.device_count())]
-    if dev.index is not None:  # --device cuda:K: that GPU only
-        gpus = [gpus[dev.index]]
-    return [("cuda", gpus[i % len(gpus)]) for i in range(workers or len(gpus))]
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Cluster schedulers stop jobs with SIGTERM: treat it like Ctrl-C (finish writes, keep the manifest)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-class _Pool:
-    """The workers: one in-process thread (one worker, no process start-up) or spawned processes."""
-
-    def __init__(self, tasks: Sequence[Task], model: ModelFile, device: str,
-                 slots: Sequence[tuple[str, str | None]], fine_detail: str) -> None:
-        self.inline = len(slots) == 1
-        if self.inline:
-            from .inference import Harmonizer
-
-            self.results: Any = queue.Queue()
-            self.cancel: Any = threading.Event()
-            todo: queue.Queue = queue.Queue()
-            for t in tasks:
-                todo.put(t)
-            harmonizer = Harmonizer(model, device=device)  # one worker: the device as asked, no re-mapping
-
-            def next_task() -> Task | None:
-                if self.cancel.is_set():
-                    return None
-                try:
-                    return todo.get_nowait()
-                except queue.Empty:
-                    return None
-
-            def run() -> None:
-                try:
-                    serve(harmonizer, 0, next_task, self.results.put, self.cancel, fine_detail)
-                finally:
-                    self.results.put(("exit", 0))
-
-            thread = threading.Thread(target=run, name="cohort-worker", daemon=True)
-            self.workers: dict[int, Any] = {0: thread}
-        else:
-            ctx = mp.get_context("spawn")  # fork + torch threads (or CUDA) is unsafe
-            self.results, self.cancel, self.todo = ctx.Queue(), ctx.Event(), ctx.Queue()
-            for t in tasks:
-                self.todo.put(t)
-            threads = max(1, (os.cpu_count() or 1) // len(slots))
-            self.workers = {
-                i: ctx.Process(target=worker_process, name=f"cohort-worker-{i}", daemon=True,
-                               args=(i, str(model.path), dev, gpu, threads, self.todo, self.results,
-                                     self.cancel, os.getpid(), fine_detail))
-                for i, (dev, gpu) in enumerate(slots)}
-        for w in self.workers.values():
-            w.start()
-
-    def alive(self, worker: int) -> bool:
-        return self.workers[worker].is_alive()
-
-    def exit_code(self, worker: int) -> str:
-        return "" if self.inline else f" (exit code {self.workers[worker].exitcode})"
-
-    def finish(self) -> None:
-        """No task left: let the workers stop (in-process: the queue is simply empty)."""
-        if not self.inline:
-            for _ in self.workers:
-                self.todo.put(None)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        for w in self.workers.values():
-            w.join(timeout)
-            if not self.inline and w.is_alive():
-                w.terminate()
-
-
-def _execute(run_items: Sequence[_Item], model: ModelFile, device: str, slots: list, target: Domain,
-             in_root: Path, fine_detail: str, save: Any, err: TextIO) -> tuple[int, bool]:
-    """Harmonize ``run_items``; ``save()`` after every finished series. Returns (series run, cancelled by
-    the user); series no worker could take stay pending."""
-    from tqdm import tqdm
-
-    from .inference import harmonized_description
-
-    tasks = [Task(k, it.series.kind, [str(f) for f in it.series.files], str(in_root / it.series.path),
-                  str(in_root), str(it.output), target.name, it.source.name,  # type: ignore[union-attr]
-                  harmonized_description(target, it.source))  # type: ignore[arg-type]
-             for k, it in enumerate(run_items)]
-    total_slices = sum(it.series.slices for it in run_items)
-    slices_done: dict[int, int] = {}
-    outstanding = set(range(len(tasks)))
-    inflight: dict[int, set[int]] = {w: set() for w in range(len(slots))}
-    pool = _Pool(tasks, model, device, slots, fine_detail)
-    alive, suspect, ran, cancelled, t0 = set(pool.workers), set(), 0, False, time.perf_counter()
-    finishing = False
-    bar = tqdm(total=total_slices, unit="slice", desc=f"series 0/{len(tasks)}", file=err, disable=None)
-
-    def record(k: int, fields: dict) -> None:
-        nonlocal ran
-        row = run_items[k].row
-        row.update({key: str(v) for key, v in fields.items()})
-        row["seconds"] = f"{float(fields['seconds']):.2f}"
-        outstanding.discard(k)
-        ran += 1
-        bar.update(run_items[k].series.slices - slices_done.get(k, 0))
-        slices_done[k] = run_items[k].series.slices
-        bar.set_description(f"series {ran}/{len(tasks)}")
-        elapsed = time.perf_counter() - t0
-        left = total_slices - sum(slices_done.values())
-        eta = f", ETA {left * elapsed / max(1, total_slices - left) / 60:.1f} min" if left else ""
-        why = f": {row['reason']}" if row["reason"] else ""
-        bar.write(f"[{ran}/{len(tasks)}] {row['status']} {row['path']} ({row['seconds']} s{eta}){why}",
-                  file=err)
-        save()
-
-    with _sigterm_as_interrupt():
-        while alive:
-            try:
-                if not outstanding and not finishing:
-                    pool.finish()
-                    finishing = True
-                try:
-                    msg = pool.results.get(timeout=0.5)
-                except queue.Empty:
-                    for w in [w for w in alive if not pool.alive(w)]:
-                        if w in suspect:  # dead for two polls without saying goodbye: it crashed
-                            alive.discard(w)
-                            for k in inflight[w]:
-                                record(k, {"status": "failed", "seconds": 0.0,
-                                           "reason": f"worker process ended unexpectedly{pool.exit_code(w)}"})
-                        suspect.add(w)
-                    continue
-                kind, w = msg[0], msg[1]
-                if kind == "start":
-                    inflight[w].add(msg[2])
-                elif kind == "progress":
-                    k, done = msg[2], msg[3]
-                    bar.update(done - slices_done.get(k, 0))
-                    slices_done[k] = done
-                elif kind == "result":
-                    inflight[w].discard(msg[2])
-                    record(msg[2], msg[3])
-                elif kind == "cancelled":
-                    inflight[w].discard(msg[2])
-                elif kind == "fatal":  # the others go on; with none left, the rest stays pending
-                    bar.write(f"error: worker {w} could not start: {msg[2]}", file=err)
-                    alive.discard(w)
-                elif kind == "exit":
-                    alive.discard(w)
-            except KeyboardInterrupt:
-                if cancelled:  # second Ctrl-C: stop now; unfinished temporaries are removed next run
-                    break
-                cancelled = True
-                pool.cancel.set()
-                bar.write("\ncancelling: finishing the writes in progress (Ctrl-C again to stop at once)...",
-                          file=err)
-    bar.close()
-    pool.stop(timeout=0.0 if alive else 30.0)
-    return ran, cancelled
-
-
 def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, target: str, *,
                model_path: str | os.PathLike | None = None, workers: int | None = None, device: str = "auto",
                include: Sequence[str] = (), exclude: Sequence[str] = (), source: str | None = None,
@@ -427,7 +241,7 @@ def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, ta
         raise InputError(f"model {model.path} has untrained (random) weights; train a model first.")
     tgt = resolve_domain(model.domains, target)
     fallback = resolve_domain(model.domains, source) if source is not None else None
-    slots = _slots(device, workers) if not dry_run else []
+    slots = worker_slots(device, workers) if not dry_run else []
     mid = model_id(model)
 
     t0 = time.perf_counter()
@@ -459,9 +273,21 @@ def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, ta
         write_manifest(manifest, [it.row for it in items])
         save_seconds[0] += time.perf_counter() - t
 
+    def record(k: int, fields: dict) -> None:
+        row = run_items[k].row
+        row.update({key: str(v) for key, v in fields.items()})
+        row["seconds"] = f"{float(fields['seconds']):.2f}"
+        save()
+
+    tasks = [Task(k, it.series.kind, [str(f) for f in it.series.files], str(in_root / it.series.path),
+                  str(in_root), str(it.output), tgt.name, it.source.name,  # type: ignore[union-attr]
+                  harmonized_description(tgt, it.source))  # type: ignore[arg-type]
+             for k, it in enumerate(run_items)]
     ran, cancelled = 0, False
     if run_items:
-        ran, cancelled = _execute(run_items, model, device, slots, tgt, in_root, fine_detail, save, err)
+        ran, cancelled = execute(tasks, [it.series.path for it in run_items],
+                                 [it.series.slices for it in run_items], model, device, slots, fine_detail,
+                                 record, err)
     wall = time.perf_counter() - t_run
     rows = [it.row for it in items]
     write_manifest(manifest, rows)
