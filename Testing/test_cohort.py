@@ -90,13 +90,18 @@ def test_discovery_on_a_mixed_tree(tree):
     assert {s.path for s in discover(root, exclude=["p2/*", "*.nii.gz"]).series} == {"two", "p1/ct"}
 
 
-def test_cohort_mirrors_the_tree_writes_manifest_and_report_and_leaves_the_input(tree, model, tmp_path):
+def test_cohort_mirrors_the_tree_writes_manifest_and_report_and_leaves_the_input(tree, model, tmp_path,
+                                                                                 capsys):
     root, uids = tree
     before = digest(root)
     out = tmp_path / "out"
     assert cli.main(["cohort", str(root), "--target", "B30f", "--output", str(out), "--model", str(model),
                      "--dry-run"]) == 0
     assert not out.exists()  # the dry run writes nothing
+    plan = capsys.readouterr().out
+    assert f"run   p1/ct [{uids['p1']}]: 3 slices" in plan and "-> p1/ct" in plan
+    assert f"skip  two [{uids['scout']}]: localizer / scout image" in plan
+    assert "3 to harmonize" in plan and "4 skipped" in plan
 
     run = run_cohort(root, out, "B30f", model_path=model, device="cpu")
     assert digest(root) == before  # the input is byte-identical (and untouched) afterwards

@@ -252,7 +252,7 @@ def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, ta
           f"{len(found.ignored_files)} other file(s) ignored, {found.filtered_out} left out by "
           f"--include/--exclude; discovery and plan {bookkeeping:.1f} s", file=err)
     if dry_run:
-        _print_plan(items, err)
+        _print_plan(items, sys.stdout)  # the plan is the result: stdout, so it can be piped or saved
         return CohortRun([it.row for it in items], None, None)
 
     rows = [it.row for it in items]
