@@ -274,6 +274,19 @@ def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(model, tmp_path):
     assert not temporaries(out) and digest(root) == before
 
 
+def test_leftovers_of_a_crashed_write_are_removed_and_nothing_else(model, tmp_path):
+    root, out = small_cohort(tmp_path / "in", 2), tmp_path / "out"
+    (out / "p0").mkdir(parents=True)
+    mine = [out / "p0" / f".ct{TEMP_MARKER}1a2b3c4d", out / "p0" / ".ct.old-1a2b3c4d"]
+    for p in mine:
+        p.mkdir()
+        (p / "0001.dcm").write_bytes(b"half a file")
+    other = out / "p0" / f".other{TEMP_MARKER}1a2b3c4d.nii.gz"  # not this run's output (another shard's)
+    other.write_bytes(b"in flight elsewhere")
+    run = run_cohort(root, out, "B30f", model_path=model, device="cpu")
+    assert run.count("done") == 2 and not any(p.exists() for p in mine) and other.exists()
+
+
 @pytest.mark.slow  # as above
 def test_ctrl_c_finishes_cleanly_and_a_rerun_completes(model, tmp_path):
     root, out = small_cohort(tmp_path / "in", 5), tmp_path / "out"
