@@ -4,6 +4,7 @@
                 [--device auto|cpu|cuda] [--compare-png PNG] [--overwrite] [--series UID]
                 [--batch-size N] [--allow-untrained]
     ctharmonize info [--model PATH]
+    ctharmonize cohort INPUT_ROOT --target KERNEL --output OUTPUT_ROOT [...]   (see cohort.py)
 
 Every check that can fail (including whether the outputs can be written) runs before the computation;
 outputs are written atomically; Ctrl-C or SIGTERM cancels cleanly at any point. Exit codes: 0 done,
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "texture it sees (default), keep it, or drop it")
     h.add_argument("--allow-untrained", action="store_true",
                    help="accept a model with untrained (random) weights; for tests only")
+    c = sub.add_parser("cohort", help="harmonize every CT series of a folder tree (resumable, parallel)",
+                       description="Harmonize every CT series under INPUT_ROOT into a mirrored tree under "
+                                   "OUTPUT_ROOT, with manifest.csv and report.md.")
+    from . import cohort
+
+    cohort.add_arguments(c)
     i = sub.add_parser("info", help="print a model card", description="Print a model file's card.")
     i.add_argument("--model", type=Path, help="model file (.safetensors); default: the bundled model")
     return parser
@@ -394,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     with _Interrupts() as interrupts:
         try:
             args = build_parser().parse_args(argv)
-            return _run(args, interrupts)
+            if args.command != "cohort":
+                return _run(args, interrupts)
         except _UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             if args.command == "harmonize":
@@ -403,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("cancelled; nothing was written.", file=sys.stderr)
             return interrupts.exit_code
+    # A cohort handles its own signals: its workers finish the series they are writing.
+    from . import cohort
+
+    return cohort.run_command(args)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from .model_file import ModelFile, instantiate, load_model_file
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
 from .volume_io import CTVolume, cast_clipped, validate_ct_spacing, validate_ct_values
 
-__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device", "REFERENCE_SLICES",
-           "run_generator_tiled", "tile_starts", "tile_window"]
+__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device",
+           "REFERENCE_SLICES", "run_generator_tiled", "tile_starts", "tile_window"]
 
 ProgressFn = Callable[[int, int], Any]
 GeneratorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

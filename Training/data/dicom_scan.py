@@ -1,29 +1,30 @@
 """Scan a DICOM tree (e.g. LIDC-IDRI: patient / study / series) into CT series records and kernel domains.
 
-Reading is ``TextureStarGANCore.volume_io`` (one reader for the whole project); this module adds what a
-dataset needs on top: the patient, study and frame of reference of each series, the checks that decide
-whether a series can be used (CT, axial, images, enough slices, not a localizer) with the reason when it
-cannot, and the grouping of usable series into domains by scanner + reconstruction kernel.
+Reading is ``TextureStarGANCore.volume_io`` and the generic DICOM checks (CT, axial, images, not a localizer
+or dose report) are ``TextureStarGANCore.discovery``, shared with the cohort runner. This module adds what a
+dataset needs on top: the patient, study and frame of reference of each series, the dataset's own checks
+(enough slices, a kernel tag) with the reason when a series cannot be used, and the grouping of usable
+series into domains by scanner + reconstruction kernel.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from TextureStarGANCore.discovery import MAX_OBLIQUE_DEG, ct_image_reason, is_dicom
+from TextureStarGANCore.discovery import dicom_floats as _floats
+from TextureStarGANCore.discovery import dicom_text as _text
+from TextureStarGANCore.discovery import read_header as _header
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS, Domain, normalize_kernel
 from TextureStarGANCore.volume_io import InputError, list_dicom_series
 
 __all__ = ["SeriesRecord", "DomainGroup", "scan_tree", "group_domains", "MAX_OBLIQUE_DEG", "MIN_SLICES"]
 
-MAX_OBLIQUE_DEG = 40.0  # slice normal vs patient z; gantry tilts (up to ~30 deg) stay "axial"
 MIN_SLICES = 3
 
 
@@ -81,81 +82,12 @@ class DomainGroup:
         return sum(s.num_slices for s in self.series)
 
 
-def _text(ds, name: str) -> str:
-    value = ds.get(name)
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
-
-
-def _floats(ds, name: str) -> list[float]:
-    value = ds.get(name)
-    if value is None:
-        return []
-    try:
-        seq = (
-            list(value)
-            if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue"
-            else [value]
-        )
-        return [float(v) for v in seq]
-    except (TypeError, ValueError):
-        return []
-
-
-def _header(path: Path):
-    import pydicom
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True)
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if head[128:132] == b"DICM":
-        return True
-    try:  # old files without the preamble
-        _header(path)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _check(rec: SeriesRecord, ds, has_pixels: bool) -> str:
     """Why a series cannot be used as axial CT training data ('' when it can)."""
-    if rec.modality.upper() != "CT":
-        return f"modality {rec.modality or '(missing)'} is not CT"
-    if not has_pixels:
-        return "no image data (e.g. a structured report or presentation state)"
-    image_type = _text(ds, "ImageType").upper()
-    if "LOCALIZER" in image_type or "SCOUT" in image_type:
-        return "localizer / scout image"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame (enhanced) object; convert to single-frame files first"
-    iop = _floats(ds, "ImageOrientationPatient")
-    if len(iop) != 6:
-        return "no ImageOrientationPatient (slice geometry unknown)"
-    normal = np.cross(iop[:3], iop[3:])
-    norm = float(np.linalg.norm(normal))
-    if norm < 0.5:
-        return f"invalid ImageOrientationPatient {iop}"
-    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])) / norm)))
-    if angle > MAX_OBLIQUE_DEG:
-        return (
-            f"not axial (slice normal {angle:.0f} deg from the patient z axis: coronal, sagittal or oblique)"
-        )
-    if rec.num_slices < MIN_SLICES:
-        return f"only {rec.num_slices} slice(s) (at least {MIN_SLICES} needed)"
-    if not rec.kernel:
-        return "no ConvolutionKernel tag: the kernel domain cannot be told"
-    return ""
+    reason = ct_image_reason(ds, has_pixels, rec.num_slices, min_slices=MIN_SLICES)
+    if not reason and not rec.kernel:
+        reason = "no ConvolutionKernel tag: the kernel domain cannot be told"
+    return reason
 
 
 def _series_records(folder: Path, root: Path, fallback_patient: str) -> list[SeriesRecord]:
@@ -214,7 +146,7 @@ def scan_tree(root: str | Path, progress: Callable[[int, int], None] | None = No
         raise InputError(f"DICOM root {root} is not a folder; pass the folder that holds the patients.")
     entries = sorted(root.iterdir())
     # Only DICOM files count as loose (a simulated tree keeps simulation.json and nps/ beside the patients).
-    loose_files = [p for p in entries if p.is_file() and not p.name.startswith(".") and _is_dicom(p)]
+    loose_files = [p for p in entries if p.is_file() and not p.name.startswith(".") and is_dicom(p)]
     # Files directly in the root: one recursive scan of everything (cannot split by patient folder).
     units = [root] if loose_files else [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     records: list[SeriesRecord] = []
