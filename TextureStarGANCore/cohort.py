@@ -397,9 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         print(f"merged {len(rows)} series into {a.output_root / 'manifest.csv'}", file=sys.stderr)
         return EXIT_OK
-    from .cli import main as cli_main
-
-    return cli_main(["cohort", *argv])
+    parser = argparse.ArgumentParser(prog="python -m TextureStarGANCore.cohort",
+                                     description="Harmonize every CT series of a folder tree (as ctharmonize "
+                                                 "cohort).")
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
