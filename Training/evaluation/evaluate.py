@@ -1,11 +1,13 @@
 """Evaluate harmonization models on a prepared dataset's test split: the paper's protocol and more.
 
 ``python -m Training.evaluate --dataset DATASET [--model MODEL] [--compare MODEL2] --out DIR
-[--metrics fid,radiomics,structure,frd,paired] [--max-slices N] [--workers W] [--inception-weights PATH]``
+[--metrics fid,radiomics,structure,frd,paired,clinical] [--max-slices N] [--workers W]
+[--inception-weights PATH]``
 
 For every kernel pair, both directions (paper III-B, IV): FID before/after (Table I), % of differing
 radiomic features aligned (Table II), structure preservation inside the lungs, Frechet Radiomic Distance,
-and on simulated data PSNR/SSIM/NPS against the true target-kernel slice. Writes ``table_fid.csv``,
+and on simulated data PSNR/SSIM/NPS and clinical quantities (lung density, radiomic CCC,
+``metrics.clinical``) against the true target-kernel slice. Writes ``table_fid.csv``,
 ``table_radiomics.csv``, ``structure.csv`` (+ ``table_frd.csv``, ``paired.csv``), ``report.md``,
 ``fig_comparison.png`` (paper Fig. 4 style), NPS curves and ``results.json`` (every number, provenance).
 
@@ -31,7 +33,8 @@ import numpy as np
 
 from TextureStarGANCore.fileio import write_json_atomic
 
-ALL_METRICS = ("fid", "radiomics", "structure", "frd", "paired")
+ALL_METRICS = ("fid", "radiomics", "structure", "frd", "paired", "clinical")
+PAIRED_METRICS = ("paired", "clinical")  # need the true target-kernel slice (simulated data)
 CHUNK = 32  # source slices harmonized and measured at a time
 UNTRAINED = "UNTRAINED (pipeline test only)"
 ProgressFn = Callable[[int, int], None]
@@ -182,14 +185,14 @@ def evaluate(
             f"the test split of {dataset} holds one domain ({ts.domains}); kernel pairs need at least two"
         )
     notes: list[str] = []
-    if "paired" in chosen and not ts.simulated:
+    for name in [m for m in PAIRED_METRICS if m in chosen and not ts.simulated]:
         if explicit:
             raise EvaluationError(
-                "'paired' needs a simulated dataset (paired ground truth); this dataset is "
-                "real (dataset.json simulated: false). Leave 'paired' out of --metrics."
+                f"'{name}' needs a simulated dataset (paired ground truth); this dataset is "
+                f"real (dataset.json simulated: false). Leave '{name}' out of --metrics."
             )
-        chosen.remove("paired")
-        notes.append("paired ground-truth metrics skipped: real (unpaired) data")
+        chosen.remove(name)
+        notes.append(f"{name} ground-truth metrics skipped: real (unpaired) data")
     from TextureStarGANCore.model_file import DEFAULT_MODEL_PATH, ModelFileError
 
     harmonizers = []
@@ -213,6 +216,7 @@ def evaluate(
         except InceptionWeightsMissing as exc:
             raise EvaluationError(str(exc)) from None
     need_feats = "radiomics" in chosen or "frd" in chosen
+    need_truth = any(m in chosen for m in PAIRED_METRICS)
     spacing = ts.spec.pixel_spacing_mm
     window = ts.spec.hu_window
     n_dir = len(ts.domains) * (len(ts.domains) - 1)
@@ -235,7 +239,9 @@ def evaluate(
     timer = _Timer()
     t_start = time.perf_counter()
 
-    with rf.feature_pool(workers if need_feats else 1) as pool:
+    clinical: dict[tuple[int, str, str], Any] = {}
+    clinical_res: dict[tuple[int, str, str], dict] = {}
+    with rf.feature_pool(workers if need_feats or "clinical" in chosen else 1) as pool:
         # Real images: features from the cache where possible, Inception activations.
         for d in ts.domains:
             refs = ts.slices[d]
@@ -274,6 +280,10 @@ def evaluate(
                     from Training.evaluation.metrics.paired import PairedDirection
 
                     paired[key] = PairedDirection(spacing, window)
+                if "clinical" in chosen:
+                    from Training.evaluation.metrics.clinical import ClinicalComparison
+
+                    clinical[key] = ClinicalComparison(spacing, target="true target")
                 refs = ts.slices[s]
                 for start in range(0, len(refs), CHUNK):
                     chunk = refs[start : start + CHUNK]
@@ -295,7 +305,7 @@ def evaluate(
                             harm_feat[key].append(
                                 rf.extract_features(out, window, spacing, pool=pool, cancel=cancel)
                             )
-                    if "structure" in chosen or "paired" in chosen:
+                    if "structure" in chosen or need_truth:
                         src_hu, out_hu = ts.to_hu(src), ts.to_hu(out)
                         if "structure" in chosen:
                             with timer("structure", len(chunk)):
@@ -303,14 +313,20 @@ def evaluate(
                                     structure_scores(a, b, spacing)
                                     for a, b in zip(src_hu, out_hu, strict=True)
                                 ]
+                        truths = _true_targets(ts, chunk, t) if need_truth else []
                         if "paired" in chosen:
                             with timer("paired", len(chunk)):
-                                for ref, a, b in zip(chunk, src_hu, out_hu, strict=True):
-                                    partner = ts.partner(ref, t)
-                                    if partner is not None:
-                                        truth = ts.to_hu(ts.canvases([partner])[0])
+                                for a, b, truth in zip(src_hu, out_hu, truths, strict=True):
+                                    if truth is not None:
                                         paired[key].add(a, b, truth)
+                        if "clinical" in chosen:
+                            with timer("clinical", len(chunk)):
+                                for a, b, truth in zip(src_hu, out_hu, truths, strict=True):
+                                    if truth is not None:
+                                        clinical[key].add_slice({"before": a, "harmonized": b}, truth)
                     prog.step(len(chunk))
+        with timer("clinical_radiomics", sum(c.n_slices for c in clinical.values())):
+            clinical_res = _clinical_results(clinical, pool, cache_dir or default_cache_dir(), cancel)
 
     # ---- numbers ------------------------------------------------------------------------------------
     t_stats = time.perf_counter()
@@ -443,6 +459,8 @@ def evaluate(
                     ssim_after=mean["ssim_after"],
                     nps_distance_after=mean["nps_distance_after"],
                 )
+        if "clinical" in chosen:
+            pr["clinical"] = _clinical_pair(clinical_res, labels, dirs, results["summary"], pn)
         results["pairs"][pn] = pr
     for lab in labels:
         rows = [v for k, v in results["summary"][lab].items() if k != "mean"]
@@ -479,6 +497,61 @@ def evaluate(
 
         write_outputs(Path(out_dir), results, examples if figures else {}, paired_raw=paired, labels=labels)
     return results
+
+
+def _true_targets(ts: Any, chunk: Sequence[Any], target: str) -> list[np.ndarray | None]:
+    """HU of the true target-kernel slice of every source slice in ``chunk`` (None without a partner)."""
+    out: list[np.ndarray | None] = []
+    for ref in chunk:
+        partner = ts.partner(ref, target)
+        out.append(None if partner is None else ts.to_hu(ts.canvases([partner])[0]))
+    return out
+
+
+def _clinical_results(
+    clinical: dict[tuple[int, str, str], Any], pool: Any, cache_dir: Path, cancel: threading.Event | None
+) -> dict[tuple[int, str, str], dict]:
+    """Each direction's clinical results (radiomics in the evaluation's pool, cached by ROI content)."""
+    return {
+        key: acc.results(pool=pool, cache_dir=cache_dir, cancel=cancel)
+        for key, acc in clinical.items()
+        if acc.n_slices
+    }
+
+
+CLINICAL_SUMMARY = {  # summary key -> clinical_summary key; biases as |mean| over directions (signs flip)
+    "laa950_bias": "laa950_ba_mean_diff",
+    "pd15_bias": "pd15_ba_mean_diff",
+    "ccc_share_lung": "ccc_share_lung",
+    "ccc_share_soft_tissue": "ccc_share_soft_tissue",
+}
+
+
+def _clinical_pair(
+    clinical_res: dict[tuple[int, str, str], dict],
+    labels: list[str],
+    dirs: list[tuple[str, str]],
+    summary: dict[str, dict],
+    pair: str,
+) -> dict:
+    """results['pairs'][pair]['clinical']: per model, each direction's clinical results and the mean over
+    directions of before/after (|Bland-Altman bias| of %LAA-950 and PD15, CCC shares)."""
+    from Training.evaluation.metrics.clinical_report import clinical_summary
+
+    out: dict[str, Any] = {"models": {}}
+    for mi, lab in enumerate(labels):
+        per = {direction_name(s, t): clinical_res[(mi, s, t)] for s, t in dirs if (mi, s, t) in clinical_res}
+        summ = [clinical_summary(r) for r in per.values()]
+        mean: dict[str, float | None] = {}
+        for key, src in CLINICAL_SUMMARY.items():
+            for stage, method in (("before", "before"), ("after", "harmonized")):
+                vals = [s[method].get(src) for s in summ]
+                vals = [abs(v) if key.endswith("bias") and v is not None else v for v in vals]
+                mean[f"{key}_{stage}"] = _mean(vals)
+        out["models"][lab] = {"mean": mean, "directions": per}
+        keys = ("laa950_bias", "pd15_bias", "ccc_share_soft_tissue")
+        summary[lab].setdefault(pair, {}).update({f"clinical_{k}": mean[f"{k}_after"] for k in keys})
+    return out
 
 
 def _safe_fid(a: np.ndarray, b: np.ndarray) -> float | None:

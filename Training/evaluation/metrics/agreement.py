@@ -6,9 +6,9 @@ says nothing about agreement.
 
 Lin's concordance correlation coefficient (Lin 1989) uses population (1/n) moments:
 ``CCC = 2 s_xy / (s_x^2 + s_y^2 + (mean_x - mean_y)^2)``. It is 1 only when y = x, and penalises both scatter
-and bias. When both vectors are constant the denominator is zero and the CCC is undefined (NaN): agreement
-cannot be judged without variation (e.g. shape features of identical ROIs); one constant vector against a
-varying one gives 0 (no covariance).
+and bias. When both vectors are the same constant the denominator is zero and the CCC is undefined (NaN):
+agreement cannot be judged without variation (e.g. shape features of identical ROIs); a constant vector
+against a varying one, or against another constant, gives 0 (no covariance).
 """
 
 from __future__ import annotations
