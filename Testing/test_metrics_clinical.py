@@ -157,6 +157,22 @@ def test_no_lungs_gives_a_note_and_keeps_radiomics(tmp_path):
     json.dumps(json_safe(res))
 
 
+def test_an_air_filled_head_phantom_has_no_lungs():
+    n = 96
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - n / 2, xx - n / 2)
+    rng = np.random.default_rng(2)
+    # A hollow skull: bone ring around air, with a soft-tissue insert; the classical mask calls the air lung.
+    img = np.where((r >= 34) & (r < 40), 800.0, -1000.0)
+    img += np.where(np.hypot(yy - 40, xx - 55) < 6, 1040.0, 0.0)
+    stack = np.stack([img + rng.normal(0, 5, img.shape) for _ in range(2)]).astype(np.float32)
+    assert lung_mask(stack[0], 1.0).sum() > 2000
+    res = clinical_comparison({"same": stack}, stack, 1.0, roi_size_mm=16)
+    assert res["lungs"] is None and res["air_only_slices"] == 2
+    assert NO_LUNGS_NOTE in res["notes"] and any("hollow phantom" in n for n in res["notes"])
+    assert res["radiomics"]["rois"]["lung"] == 0 and res["radiomics"]["rois"]["other"] > 0
+
+
 def test_matched_rois_lie_inside_their_region():
     img, lungs = synthetic_chest()
     rois = rr.matched_rois(img, 1.0, lungs, size_mm=16, max_per_region=50)
@@ -216,3 +232,20 @@ def test_real_chest_pair_sharp_kernel_inflates_the_emphysema_index(chest_pair, t
     assert figs == ["clinical_bland_altman.png", "clinical_ccc_lung.png", "clinical_ccc_soft_tissue.png"]
     assert all((tmp_path / f).stat().st_size > 10000 for f in figs)
     assert list(tmp_path.glob("radiomics_*.npz"))  # features cached by content
+
+
+def test_real_head_phantom_skips_lungs_and_keeps_ccc(tmp_path):
+    pair = SHARED / "data" / "real_ct" / "philips_ingenuity_head_phantom_ub_ya_pair"
+    if not pair.is_dir():
+        pytest.skip(f"real head phantom pair missing at {pair} (set CTH_SHARED_DIR)")
+    from TextureStarGANCore.volume_io import read_volume
+
+    ya, ub = read_volume(pair / "YA_bone"), read_volume(pair / "UB_standard")
+    res = clinical_comparison(
+        {"YA (bone)": ya.hu[:2]}, ub.hu[:2], float(ya.spacing[0]), target="UB", max_rois_per_region=3
+    )
+    # Its skull is hollow: the classical lung mask finds air there, which is not lung parenchyma.
+    assert res["lungs"] is None and NO_LUNGS_NOTE in res["notes"] and res["air_only_slices"] == 2
+    regions = res["radiomics"]["regions"]
+    assert regions and all(r["YA (bone)"]["n_defined"] > 50 for r in regions.values())
+    assert NO_LUNGS_NOTE in clinical_markdown(res)

@@ -8,8 +8,10 @@ same anatomy, pixel-aligned. For each method it measures what a radiologist or r
   ROIs, share with CCC >= 0.85, median CCC per feature class.
 
 One lung mask per slice, segmented on the *target* (``structure.lung_mask``), serves every method: the
-comparison then measures the kernel's effect on density, not segmentation differences. A series without
-lungs (a head) gets a note instead of lung numbers; the radiomics still run on its soft tissue.
+comparison then measures the kernel's effect on density, not segmentation differences. A mask that holds
+only air (median below ``lung_density.AIR_MEDIAN_HU``: the hollow skull of a head phantom) is not lung. A
+series without lungs (a head) gets a note instead of lung numbers; the radiomics still run on its other
+regions.
 
 ``ClinicalComparison`` accumulates slice by slice (bounded memory inside a streaming evaluation);
 ``clinical_comparison`` is the one-call form for whole series. ``results`` is JSON-safe.
@@ -26,7 +28,12 @@ import numpy as np
 
 from Training.evaluation.metrics import radiomic_reproducibility as rr
 from Training.evaluation.metrics.agreement import bland_altman
-from Training.evaluation.metrics.lung_density import QUANTITIES, DensityHistogram
+from Training.evaluation.metrics.lung_density import (
+    AIR_MEDIAN_HU,
+    QUANTITIES,
+    DensityHistogram,
+    is_parenchyma,
+)
 
 BLAND_ALTMAN_QUANTITIES = ("laa950", "pd15")
 NO_LUNGS_NOTE = "no lungs found in the target series: lung quantities skipped (radiomic CCC kept)"
@@ -52,6 +59,7 @@ class ClinicalComparison:
         self.radiomics = radiomics
         self.methods: list[str] = []
         self.n_slices = 0
+        self.air_only_slices = 0
         self.series: dict[str, DensityHistogram] = {}
         self.per_slice: dict[str, dict[str, list[float | None]]] = {}
         self.roi_regions: list[str] = []
@@ -82,6 +90,9 @@ class ClinicalComparison:
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"expected 2D slices of one shape, got {sorted(shapes)}")
         lungs = lung_mask(images[self.target], self.spacing_mm)
+        if lungs.any() and not is_parenchyma(images[self.target], lungs):
+            lungs = np.zeros_like(lungs)
+            self.air_only_slices += 1
         for n, im in images.items():
             q = DensityHistogram().add(im, lungs)
             self.series[n].merge(q)
@@ -116,7 +127,7 @@ class ClinicalComparison:
             "mask": LUNG_MASK_NOTE,
             "slices_with_lungs": sum(v is not None for v in self.per_slice[self.target]["laa950"]),
             "series": {n: (q.to_dict() if (q := self.series[n].quantities()) else None) for n in names},
-            "per_slice": self.per_slice,
+            "per_slice": {n: {q: list(v) for q, v in per.items()} for n, per in self.per_slice.items()},
             "bland_altman": {
                 m: {
                     key: bland_altman(
@@ -148,15 +159,17 @@ class ClinicalComparison:
             "methods": self.methods,
             "spacing_mm": self.spacing_mm,
             "slices": self.n_slices,
+            "air_only_slices": self.air_only_slices,
             "notes": [],
         }
-        # Lung quantities of all slices (None per slice without lungs); NaN-safe through json_safe.
-        for n in self.per_slice:
-            for key in QUANTITIES:
-                self.per_slice[n][key] = [None if v is None else float(v) for v in self.per_slice[n][key]]
         out["lungs"] = self._lungs()
         if out["lungs"] is None:
             out["notes"].append(NO_LUNGS_NOTE)
+        if self.air_only_slices:
+            out["notes"].append(
+                f"{self.air_only_slices} slice(s) where the lung mask held only air (median below "
+                f"{AIR_MEDIAN_HU:g} HU: a hollow phantom or gas, not lung parenchyma): no lungs there"
+            )
         if self.radiomics:
             names = list(rf.feature_names())
             order = [*self.methods, self.target]

@@ -21,6 +21,10 @@ import numpy as np
 LAA_THRESHOLDS_HU = (-950.0, -910.0)
 PD_PERCENTILE = 15.0
 HIST_RANGE_HU = (-2048, 4095)  # integer HU with a bin each; values outside go to the end bins
+# Lung parenchyma has a median of about -870 HU (still above -960 in severe emphysema); an enclosed region
+# whose median is below this is air, e.g. the hollow skull of a head phantom, which the classical lung
+# mask otherwise takes for lungs.
+AIR_MEDIAN_HU = -975.0
 
 
 @dataclass
@@ -100,6 +104,12 @@ class DensityHistogram:
             pd15=self.percentile(PD_PERCENTILE),
             mld=self.total / self.n,
         )
+
+
+def is_parenchyma(hu: np.ndarray, lungs: np.ndarray) -> bool:
+    """Whether the voxels in the mask ``lungs`` look like lung tissue rather than an air-filled cavity."""
+    v = np.asarray(hu)[np.asarray(lungs, dtype=bool)]
+    return bool(v.size) and float(np.median(v)) >= AIR_MEDIAN_HU
 
 
 def lung_quantities(hu: np.ndarray, lungs: np.ndarray) -> LungQuantities | None:

@@ -5,7 +5,10 @@ of the 102 pyradiomics features (``radiomics_features``) is measured on the same
 compared with Lin's CCC across regions. Regions are square, lesion-sized ROIs (``ROI_MM``) on a grid,
 placed on the *target* image and cut at the same pixels from every method's image:
 - ``lung``: the whole square inside the lung mask (``structure.lung_mask``, the structure metric's);
-- ``soft_tissue``: the whole square inside the body, away from the lungs, mean HU in ``SOFT_TISSUE_MEAN_HU``.
+- ``soft_tissue``: the whole square inside the body, away from the lungs, mean HU in ``SOFT_TISSUE_MEAN_HU``;
+- ``other``: the rest of the squares inside the body, away from the lungs (bone, mixed tissue, air
+  cavities such as a head phantom's hollow skull), so that a series without lungs or soft tissue still
+  has matched regions.
 CCC is computed per region class, because pooling lung and soft-tissue ROIs would make every first-order
 feature look concordant (their ~900 HU gap dwarfs any kernel effect).
 Every ROI is its own mask, so shape2D features are identical in every image and constant across ROIs:
@@ -35,7 +38,7 @@ ROI_MM = 24.0  # side of a square ROI: a lesion-sized region
 MAX_ROIS_PER_REGION = 4  # per slice and region class; bounds the extraction time
 SOFT_TISSUE_MEAN_HU = (-200.0, 300.0)  # fat, muscle, organs; not bone
 CCC_REPRODUCIBLE = 0.85
-REGIONS = ("lung", "soft_tissue")
+REGIONS = ("lung", "soft_tissue", "other")
 FEATURE_CLASSES = ("firstorder", "glcm", "gldm", "glrlm", "glszm", "ngtdm", "shape2D")
 
 
@@ -69,7 +72,7 @@ def matched_rois(
     size_mm: float = ROI_MM,
     max_per_region: int = MAX_ROIS_PER_REGION,
 ) -> list[Roi]:
-    """Non-overlapping grid ROIs of one target slice, lung and soft tissue (``lungs``: its lung mask)."""
+    """Non-overlapping grid ROIs of one target slice per region class (``lungs``: its lung mask)."""
     from Training.evaluation.metrics.structure import lung_mask
 
     t = np.asarray(target_hu, dtype=np.float32)
@@ -88,8 +91,9 @@ def matched_rois(
                 found["lung"].append(Roi("lung", r, c, size))
             elif body[win].all() and not near_lung[win].any():
                 mean = float(t[win].mean())
-                if SOFT_TISSUE_MEAN_HU[0] <= mean <= SOFT_TISSUE_MEAN_HU[1]:
-                    found["soft_tissue"].append(Roi("soft_tissue", r, c, size))
+                soft = SOFT_TISSUE_MEAN_HU[0] <= mean <= SOFT_TISSUE_MEAN_HU[1]
+                reg = "soft_tissue" if soft else "other"
+                found[reg].append(Roi(reg, r, c, size))
     return [roi for reg in REGIONS for roi in _spread(found[reg], max_per_region)]
 
 
