@@ -6,7 +6,8 @@ Methods compared with the B (smooth) target: identity (= the L input) and Gaussi
 1.0, 1.3 (the REFERENCE's best single blur for L -> B), 1.6 and 2.0 px: five methods, as the real-pair
 validation passes (input/identity, model, baselines). Times the whole ``clinical_comparison`` with a cold
 feature cache (every ROI of every method and the target extracted) and again with the cache warm, then
-measures the lung numbers on the second half of the slices (the REFERENCE's evaluation half). Writes
+measures the lung numbers on the second half of the slices (the REFERENCE's evaluation half). Then the
+head phantom pair (YA bone -> UB standard, no lungs): identity and blur 1.3 px, radiomic CCC only. Writes
 ``Testing/benchmarks/results/clinical.md`` and ``clinical.json``.
 """
 
@@ -31,7 +32,9 @@ from TextureStarGANCore.volume_io import read_volume  # noqa: E402
 from Training.evaluation.metrics.clinical import clinical_comparison  # noqa: E402
 from Training.evaluation.metrics.clinical_report import clinical_markdown, save_clinical_figures  # noqa: E402
 
-PAIR = ROOT.parent / "shared" / "data" / "real_ct" / "philips_brilliance16_chest_l_b_pair"
+REAL = ROOT.parent / "shared" / "data" / "real_ct"
+PAIR = REAL / "philips_brilliance16_chest_l_b_pair"
+HEAD = REAL / "philips_ingenuity_head_phantom_ub_ya_pair"
 SIGMAS = (1.0, 1.3, 1.6, 2.0)
 
 
@@ -72,6 +75,19 @@ def main() -> int:
         radiomics=False,
     )
     figs = save_clinical_figures(out, res, prefix="clinical_chest_l_to_b", title="Philips chest, L -> B")
+    ya, ub = read_volume(HEAD / "YA_bone"), read_volume(HEAD / "UB_standard")
+    t0 = time.perf_counter()
+    head = clinical_comparison(
+        {"identity (YA)": ya.hu, "YA blur 1.3 px": blur(ya.hu, 1.3)},
+        ub.hu,
+        float(ya.spacing[0]),
+        target="UB",
+        workers=args.workers,
+    )
+    timings["head phantom, cold cache"] = time.perf_counter() - t0
+    head_figs = save_clinical_figures(
+        out, head, prefix="clinical_head_ya_to_ub", title="head phantom, YA -> UB"
+    )
     lines = [
         "# Clinical quantities on the real chest pair (L sharp -> B smooth)",
         "",
@@ -93,9 +109,15 @@ def main() -> int:
         f"## Second half of the slices ({half.start}..{half.stop - 1}), lung density only",
         "",
         clinical_markdown(second, heading="###"),
+        f"## Head phantom YA (bone) -> UB (standard, iDose), all {ub.hu.shape[0]} slices "
+        f"({timings['head phantom, cold cache']:.0f} s, cold cache)",
+        "",
+        clinical_markdown(head, heading="###", figures=head_figs),
     ]
     write_text_atomic(out / "clinical.md", "\n".join(lines) + "\n")
-    write_json_atomic(out / "clinical.json", {"timing_s": timings, "all": res, "second_half": second})
+    write_json_atomic(
+        out / "clinical.json", {"timing_s": timings, "all": res, "second_half": second, "head": head}
+    )
     print("\n".join(lines))
     return 0
 
