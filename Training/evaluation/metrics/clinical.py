@@ -9,9 +9,8 @@ same anatomy, pixel-aligned. For each method it measures what a radiologist or r
 
 One lung mask per slice, segmented on the *target* (``structure.lung_mask``), serves every method: the
 comparison then measures the kernel's effect on density, not segmentation differences. A mask that holds
-only air (median below ``lung_density.AIR_MEDIAN_HU``: the hollow skull of a head phantom) is not lung. A
-series without lungs (a head) gets a note instead of lung numbers; the radiomics still run on its other
-regions.
+mostly air (``lung_density.is_parenchyma``: the hollow skull of a head phantom) is not lung. A series
+without lungs (a head) gets a note instead of lung numbers; the radiomics still run on its other regions.
 
 ``ClinicalComparison`` accumulates slice by slice (bounded memory inside a streaming evaluation);
 ``clinical_comparison`` is the one-call form for whole series. ``results`` is JSON-safe.
@@ -28,12 +27,7 @@ import numpy as np
 
 from Training.evaluation.metrics import radiomic_reproducibility as rr
 from Training.evaluation.metrics.agreement import bland_altman
-from Training.evaluation.metrics.lung_density import (
-    AIR_MEDIAN_HU,
-    QUANTITIES,
-    DensityHistogram,
-    is_parenchyma,
-)
+from Training.evaluation.metrics.lung_density import QUANTITIES, DensityHistogram, is_parenchyma
 
 BLAND_ALTMAN_QUANTITIES = ("laa950", "pd15")
 NO_LUNGS_NOTE = "no lungs found in the target series: lung quantities skipped (radiomic CCC kept)"
@@ -90,7 +84,7 @@ class ClinicalComparison:
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"expected 2D slices of one shape, got {sorted(shapes)}")
         lungs = lung_mask(images[self.target], self.spacing_mm)
-        if lungs.any() and not is_parenchyma(images[self.target], lungs):
+        if lungs.any() and not is_parenchyma(images[self.target], lungs, self.spacing_mm):
             lungs = np.zeros_like(lungs)
             self.air_only_slices += 1
         for n, im in images.items():
@@ -115,6 +109,9 @@ class ClinicalComparison:
     def add_series(self, methods: Mapping[str, np.ndarray], target_hu: np.ndarray) -> None:
         """Whole (slices, rows, cols) stacks, slice by slice."""
         target_hu = np.asarray(target_hu)
+        counts = {n: len(v) for n, v in methods.items()}
+        if target_hu.ndim != 3 or any(c != target_hu.shape[0] for c in counts.values()):
+            raise ValueError(f"stacks differ: target {target_hu.shape}, methods' slice counts {counts}")
         for i in range(target_hu.shape[0]):
             self.add_slice({n: v[i] for n, v in methods.items()}, target_hu[i])
 
@@ -167,8 +164,8 @@ class ClinicalComparison:
             out["notes"].append(NO_LUNGS_NOTE)
         if self.air_only_slices:
             out["notes"].append(
-                f"{self.air_only_slices} slice(s) where the lung mask held only air (median below "
-                f"{AIR_MEDIAN_HU:g} HU: a hollow phantom or gas, not lung parenchyma): no lungs there"
+                f"{self.air_only_slices} slice(s) where the lung mask held mostly air (a hollow phantom or "
+                "gas, not lung parenchyma): no lungs there"
             )
         if self.radiomics:
             names = list(rf.feature_names())
