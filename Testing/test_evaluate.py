@@ -95,7 +95,7 @@ def test_outputs_in_the_papers_table_shape(full_run):
     assert "NOT COMPARABLE" in report and "UNTRAINED" in report
     assert "Table I" in report and "Table II" in report and "fig_B30f_to_BONE.png" in report
     clin = _rows(out / "table_clinical.csv")
-    assert clin[0][:2] == ["kernels", "|%LAA-950 bias| before"] and "texture" in clin[0][2]
+    assert clin[0][:2] == ["kernels", "%LAA-950 abs. bias before"] and "texture" in clin[0][2]
     assert "Clinical quantities B30f->BONE" in report and "Bland-Altman" in report
 
 

@@ -44,7 +44,7 @@ def clinical_tables(res: dict) -> dict[str, Table]:
         rows = []
         for n in names:
             s = lungs["series"][n]
-            label = f"{n} (target)" if n == res["target"] else n
+            label = f"{n} (target)" if n == res["target"] and "target" not in n else n
             rows.append([label, *[None if s is None else s[q] for q in QUANTITIES]])
         tables["lung"] = (["series", *[QUANTITY_LABELS[q] for q in QUANTITIES]], rows)
         header = ["method vs target", "slices"]

@@ -110,25 +110,30 @@ def build_tables(results: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
     return tables
 
 
-CLINICAL_COLUMNS = {
-    "laa950_bias": "|%LAA-950 bias|",
-    "pd15_bias": "|PD15 bias| HU",
-    "ccc_share_soft_tissue": "CCC>=0.85 soft tissue",
-    "ccc_share_lung": "CCC>=0.85 lung",
+CLINICAL_COLUMNS = {  # no "|" in a header: it would split the markdown table
+    "laa950_bias": "%LAA-950 abs. bias",
+    "pd15_bias": "PD15 abs. bias (HU)",
+    "ccc_share_soft_tissue": "% CCC>=0.85 soft tissue",
+    "ccc_share_lung": "% CCC>=0.85 lung",
 }
 
 
 def _clinical_table(results: dict, labels: list[str], pairs: list[str]) -> tuple[list[str], list[list[Any]]]:
     """Per pair: before and, per model, after (mean over both directions) of each clinical column."""
     header, rows = ["kernels"], [[p] for p in pairs]
+
+    def cell(p: str, lab: str, key: str) -> float | None:
+        v = results["pairs"][p]["clinical"]["models"][lab]["mean"][key]
+        return None if v is None else (100.0 * v if "share" in key else v)
+
     for key, title in CLINICAL_COLUMNS.items():
         header.append(f"{title} before")
         for r, p in zip(rows, pairs, strict=True):
-            r.append(results["pairs"][p]["clinical"]["models"][labels[0]]["mean"][f"{key}_before"])
+            r.append(cell(p, labels[0], f"{key}_before"))
         for lab in labels:
             header.append(f"{title} {lab}")
             for r, p in zip(rows, pairs, strict=True):
-                r.append(results["pairs"][p]["clinical"]["models"][lab]["mean"][f"{key}_after"])
+                r.append(cell(p, lab, f"{key}_after"))
     return header, rows
 
 
@@ -148,8 +153,8 @@ TABLE_TITLES = {
     "structure": "Structure preservation inside the lungs, harmonized vs its own input (1 = identical)",
     "paired": "Paired ground truth (simulated): PSNR [dB] / SSIM vs the true target-kernel slice (higher is "
     "better), NPS distance (relative L2, lower is better)",
-    "clinical": "Clinical quantities vs the true target-kernel slice (simulated): |Bland-Altman mean "
-    "difference| of %LAA-950 and PD15 (lower is better), share of radiomic features with CCC >= 0.85 "
+    "clinical": "Clinical quantities vs the true target-kernel slice (simulated): absolute Bland-Altman mean "
+    "difference of %LAA-950 and PD15 (lower is better), % of radiomic features with CCC >= 0.85 "
     "(higher is better); mean of both directions",
 }
 
