@@ -80,6 +80,9 @@ def test_outputs_in_the_papers_table_shape(full_run):
         "fig_BONE_to_B30f.png",
         "nps_B30f_to_BONE.png",
         "nps_BONE_to_B30f.png",
+        "table_clinical.csv",
+        "clinical_B30f_to_BONE_m0_bland_altman.png",
+        "clinical_BONE_to_B30f_m1_ccc_lung.png",
     ):
         assert (out / name).is_file(), name
     fid_rows = _rows(out / "table_fid.csv")
@@ -91,6 +94,9 @@ def test_outputs_in_the_papers_table_shape(full_run):
     report = (out / "report.md").read_text()
     assert "NOT COMPARABLE" in report and "UNTRAINED" in report
     assert "Table I" in report and "Table II" in report and "fig_B30f_to_BONE.png" in report
+    clin = _rows(out / "table_clinical.csv")
+    assert clin[0][:2] == ["kernels", "%LAA-950 abs. bias before"] and "texture" in clin[0][2]
+    assert "Clinical quantities B30f->BONE" in report and "Bland-Altman" in report
 
 
 def test_results_json_numbers_and_provenance(full_run, setup):
@@ -115,9 +121,16 @@ def test_results_json_numbers_and_provenance(full_run, setup):
         # Kernels of the same phantom slice are close; a random generator is far from the truth.
         assert pd["psnr_before"] > pd["psnr_after"]
         assert pair["paired"]["models"][lab]["directions"]["B30f->BONE"]["nps_rois"] > 0
+        clin = pair["clinical"]["models"][lab]
+        d = clin["directions"]["BONE->B30f"]
+        assert d["methods"] == ["before", "harmonized"] and d["target"] == "true target"
+        assert d["lungs"]["slices_with_lungs"] == 3 and d["radiomics"]["rois"]["lung"] > 0
+        # Same phantom slice, two kernels: the input is closer to the truth than a random generator.
+        assert clin["mean"]["pd15_bias_before"] < clin["mean"]["pd15_bias_after"]
     summary = res["summary"][res["models"][0]["label"]]
     assert set(summary) == {"B30f<->BONE", "mean"}
     assert "fid_NOT_COMPARABLE" in summary["B30f<->BONE"] and "fid" not in summary["B30f<->BONE"]
+    assert "clinical_laa950_bias" in summary["B30f<->BONE"]
 
 
 def test_quick_evaluate_and_curves(setup, tmp_path):
@@ -157,6 +170,8 @@ def test_bad_input_writes_nothing(setup, tmp_path, monkeypatch, capsys):
     (real / "dataset.json").write_text(json.dumps({"simulated": False}))
     with pytest.raises(EvaluationError, match="simulated"):
         evaluate(real, [m1], out, metrics="paired")
+    with pytest.raises(EvaluationError, match="'clinical' needs a simulated dataset"):
+        evaluate(real, [m1], out, metrics="clinical")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     rc = main(["--dataset", str(ds), "--model", str(m1), "--out", str(out), "--metrics", "fid"])
     assert rc == 2

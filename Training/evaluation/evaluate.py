@@ -1,11 +1,13 @@
 """Evaluate harmonization models on a prepared dataset's test split: the paper's protocol and more.
 
 ``python -m Training.evaluate --dataset DATASET [--model MODEL] [--compare MODEL2] --out DIR
-[--metrics fid,radiomics,structure,frd,paired] [--max-slices N] [--workers W] [--inception-weights PATH]``
+[--metrics fid,radiomics,structure,frd,paired,clinical] [--max-slices N] [--workers W]
+[--inception-weights PATH]``
 
 For every kernel pair, both directions (paper III-B, IV): FID before/after (Table I), % of differing
 radiomic features aligned (Table II), structure preservation inside the lungs, Frechet Radiomic Distance,
-and on simulated data PSNR/SSIM/NPS against the true target-kernel slice. Writes ``table_fid.csv``,
+and on simulated data PSNR/SSIM/NPS and clinical quantities (lung density, radiomic CCC,
+``metrics.clinical``) against the true target-kernel slice. Writes ``table_fid.csv``,
 ``table_radiomics.csv``, ``structure.csv`` (+ ``table_frd.csv``, ``paired.csv``), ``report.md``,
 ``fig_comparison.png`` (paper Fig. 4 style), NPS curves and ``results.json`` (every number, provenance).
 
@@ -32,7 +34,8 @@ import numpy as np
 
 from TextureStarGANCore.fileio import write_json_atomic
 
-ALL_METRICS = ("fid", "radiomics", "structure", "frd", "paired")
+ALL_METRICS = ("fid", "radiomics", "structure", "frd", "paired", "clinical")
+PAIRED_METRICS = ("paired", "clinical")  # need the true target-kernel slice (simulated data)
 CHUNK = 32  # source slices harmonized and measured at a time
 UNTRAINED = "UNTRAINED (pipeline test only)"
 ProgressFn = Callable[[int, int], None]
@@ -165,12 +168,18 @@ class _Run:
     harm_feat: dict[tuple[int, str, str], list[np.ndarray]] = field(default_factory=dict)
     struct: dict[tuple[int, str, str], list] = field(default_factory=dict)
     paired: dict[tuple[int, str, str], Any] = field(default_factory=dict)
+    clinical: dict[tuple[int, str, str], Any] = field(default_factory=dict)  # ClinicalComparison objects
+    clinical_res: dict[tuple[int, str, str], dict] = field(default_factory=dict)
     examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     timer: _Timer = field(default_factory=_Timer)
 
     @property
     def need_feats(self) -> bool:
         return "radiomics" in self.chosen or "frd" in self.chosen
+
+    @property
+    def need_truth(self) -> bool:
+        return any(m in self.chosen for m in PAIRED_METRICS)
 
 
 def evaluate(
@@ -212,9 +221,11 @@ def evaluate(
     prog = _Progress(total, progress, cancel)
     prog.check()
     t_start = time.perf_counter()
-    with rf.feature_pool(workers if run.need_feats else 1) as pool:
+    with rf.feature_pool(workers if run.need_feats or "clinical" in run.chosen else 1) as pool:
         _stream_real(run, pool, prog, cancel)
         _stream_harmonized(run, pool, prog, cancel)
+        with run.timer("clinical_radiomics", sum(c.n_slices for c in run.clinical.values())):
+            run.clinical_res = _clinical_results(run.clinical, pool, cache_dir or default_cache_dir(), cancel)
     t_stats = time.perf_counter()
     results = _results(run)
     # Statistics: per pair and direction a 2048-d matrix square root (FID) and the Welch tests; a fixed
@@ -263,14 +274,14 @@ def _open_run(
             f"the test split of {dataset} holds one domain ({ts.domains}); kernel pairs need at least two"
         )
     notes: list[str] = []
-    if "paired" in chosen and not ts.simulated:
+    for name in [m for m in PAIRED_METRICS if m in chosen and not ts.simulated]:
         if explicit:
             raise EvaluationError(
-                "'paired' needs a simulated dataset (paired ground truth); this dataset is "
-                "real (dataset.json simulated: false). Leave 'paired' out of --metrics."
+                f"'{name}' needs a simulated dataset (paired ground truth); this dataset is "
+                f"real (dataset.json simulated: false). Leave '{name}' out of --metrics."
             )
-        chosen.remove("paired")
-        notes.append("paired ground-truth metrics skipped: real (unpaired) data")
+        chosen.remove(name)
+        notes.append(f"{name} ground-truth metrics skipped: real (unpaired) data")
     harmonizers = []
     for m in models:
         if m is None and not DEFAULT_MODEL_PATH.is_file():
@@ -331,6 +342,10 @@ def _stream_harmonized(run: _Run, pool: Any, prog: _Progress, cancel: threading.
                 from Training.evaluation.metrics.paired import PairedDirection
 
                 run.paired[key] = PairedDirection(run.ts.spec.pixel_spacing_mm, run.ts.spec.hu_window)
+            if "clinical" in run.chosen:
+                from Training.evaluation.metrics.clinical import ClinicalComparison
+
+                run.clinical[key] = ClinicalComparison(run.ts.spec.pixel_spacing_mm, target="true target")
             for start, chunk in _chunks(run.ts.slices[s]):
                 src = run.ts.canvases(chunk)
                 with run.timer("harmonize", len(chunk)):
@@ -360,18 +375,23 @@ def _measure_chunk(
     if run.need_feats:
         with timer("radiomics_harmonized", len(chunk)):
             run.harm_feat[key].append(rf.extract_features(out, window, spacing, pool=pool, cancel=cancel))
-    if "structure" not in run.chosen and "paired" not in run.chosen:
+    if "structure" not in run.chosen and not run.need_truth:
         return
     src_hu, out_hu = ts.to_hu(src), ts.to_hu(out)
     if "structure" in run.chosen:
         with timer("structure", len(chunk)):
             run.struct[key] += [structure_scores(a, b, spacing) for a, b in zip(src_hu, out_hu, strict=True)]
+    truths = _true_targets(ts, chunk, t) if run.need_truth else []
     if "paired" in run.chosen:
         with timer("paired", len(chunk)):
-            for ref, a, b in zip(chunk, src_hu, out_hu, strict=True):
-                partner = ts.partner(ref, t)
-                if partner is not None:
-                    run.paired[key].add(a, b, ts.to_hu(ts.canvases([partner])[0]))
+            for a, b, truth in zip(src_hu, out_hu, truths, strict=True):
+                if truth is not None:
+                    run.paired[key].add(a, b, truth)
+    if "clinical" in run.chosen:
+        with timer("clinical", len(chunk)):
+            for a, b, truth in zip(src_hu, out_hu, truths, strict=True):
+                if truth is not None:
+                    run.clinical[key].add_slice({"before": a, "harmonized": b}, truth)
 
 
 def _results(run: _Run) -> dict[str, Any]:
@@ -420,7 +440,7 @@ def _results(run: _Run) -> dict[str, Any]:
         )
     pair_metrics = {
         "fid": _pair_fid, "radiomics": _pair_radiomics, "frd": _pair_frd,
-        "structure": _pair_structure, "paired": _pair_paired,
+        "structure": _pair_structure, "paired": _pair_paired, "clinical": _pair_clinical,
     }
     for a, b in combinations(ts.domains, 2):
         pn = pair_name(a, b)
@@ -529,6 +549,65 @@ def _pair_paired(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
             nps_distance_after=mean["nps_distance_after"],
         )
     return out
+
+
+def _true_targets(ts: Any, chunk: Sequence[Any], target: str) -> list[np.ndarray | None]:
+    """HU of the true target-kernel slice of every source slice in ``chunk`` (None without a partner)."""
+    out: list[np.ndarray | None] = []
+    for ref in chunk:
+        partner = ts.partner(ref, target)
+        out.append(None if partner is None else ts.to_hu(ts.canvases([partner])[0]))
+    return out
+
+
+def _clinical_results(
+    clinical: dict[tuple[int, str, str], Any], pool: Any, cache_dir: Path, cancel: threading.Event | None
+) -> dict[tuple[int, str, str], dict]:
+    """Each direction's clinical results (radiomics in the evaluation's pool, cached by ROI content)."""
+    return {
+        key: acc.results(pool=pool, cache_dir=cache_dir, cancel=cancel)
+        for key, acc in clinical.items()
+        if acc.n_slices
+    }
+
+
+CLINICAL_SUMMARY = {  # summary key -> clinical_summary key; biases as |mean| over directions (signs flip)
+    "laa950_bias": "laa950_ba_mean_diff",
+    "pd15_bias": "pd15_ba_mean_diff",
+    "ccc_share_lung": "ccc_share_lung",
+    "ccc_share_soft_tissue": "ccc_share_soft_tissue",
+}
+
+
+def _clinical_pair(
+    clinical_res: dict[tuple[int, str, str], dict],
+    labels: list[str],
+    dirs: list[tuple[str, str]],
+    summary: dict[str, dict],
+    pair: str,
+) -> dict:
+    """results['pairs'][pair]['clinical']: per model, each direction's clinical results and the mean over
+    directions of before/after (|Bland-Altman bias| of %LAA-950 and PD15, CCC shares)."""
+    from Training.evaluation.metrics.clinical_report import clinical_summary
+
+    out: dict[str, Any] = {"models": {}}
+    for mi, lab in enumerate(labels):
+        per = {direction_name(s, t): clinical_res[(mi, s, t)] for s, t in dirs if (mi, s, t) in clinical_res}
+        summ = [clinical_summary(r) for r in per.values()]
+        mean: dict[str, float | None] = {}
+        for key, src in CLINICAL_SUMMARY.items():
+            for stage, method in (("before", "before"), ("after", "harmonized")):
+                vals = [s[method].get(src) for s in summ]
+                vals = [abs(v) if key.endswith("bias") and v is not None else v for v in vals]
+                mean[f"{key}_{stage}"] = _mean(vals)
+        out["models"][lab] = {"mean": mean, "directions": per}
+        keys = ("laa950_bias", "pd15_bias", "ccc_share_soft_tissue")
+        summary[lab].setdefault(pair, {}).update({f"clinical_{k}": mean[f"{k}_after"] for k in keys})
+    return out
+
+
+def _pair_clinical(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
+    return _clinical_pair(run.clinical_res, run.labels, _both(a, b), summary, pn)
 
 
 def _provenance(run: _Run, max_slices_per_domain: int | None) -> dict[str, Any]:

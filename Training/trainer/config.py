@@ -138,7 +138,7 @@ _NONNEG = {
 }
 _POSITIVE = {("train", "lr"), ("texture", "lr")}
 _UNIT_INTERVAL = {("train", "beta1"), ("train", "beta2"), ("train", "ema_beta")}
-_EVAL_METRICS = {"radiomics", "paired", "fid", "frd", "structure"}  # Training.evaluate.ALL_METRICS
+_EVAL_METRICS = {"radiomics", "paired", "fid", "frd", "structure", "clinical"}  # = evaluate.ALL_METRICS
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:

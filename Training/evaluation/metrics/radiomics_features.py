@@ -157,15 +157,54 @@ def extract_features(
                 progress=progress,
                 cancel=cancel,
             )
-    rows = map(_worker, jobs) if pool is None else pool.imap(_worker, jobs, chunksize=2)
+    return _collect(_worker, jobs, out, pool, progress, cancel)
+
+
+def _collect(
+    worker: Callable[[Any], np.ndarray],
+    jobs: Iterator[Any],
+    out: np.ndarray,
+    pool: Any,
+    progress: Callable[[int, int], None] | None,
+    cancel: threading.Event | None,
+) -> np.ndarray:
+    """Fill ``out`` row by row with ``worker(job)``, in ``pool`` or in this process."""
+    n = len(out)
+    rows = map(worker, jobs) if pool is None else pool.imap(worker, jobs, chunksize=2)
     with _single_thread_blas() if pool is None else contextlib.nullcontext():
         for i, row in enumerate(rows):
             if cancel is not None and cancel.is_set():
-                raise InterruptedError(f"feature extraction cancelled after {i} of {n} slices")
+                raise InterruptedError(f"feature extraction cancelled after {i} of {n} images")
             out[i] = row
             if progress is not None:
                 progress(i + 1, n)
     return out
+
+
+def _patch_worker(args: tuple[np.ndarray, float, str]) -> np.ndarray:
+    patch, spacing_mm, params_path = args
+    return slice_features(patch, spacing_mm, params_path, mask=np.ones(patch.shape, bool))
+
+
+def extract_patch_features(
+    patches_hu: Sequence[np.ndarray],
+    spacing_mm: float,
+    *,
+    workers: int = 1,
+    pool: Any = None,
+    params_path: str | Path = PARAMS_PATH,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """(N, F) features of 2D HU patches, each patch whole as the region (matched ROIs placed identically
+    in several images), in ``workers`` processes or in ``pool`` from ``feature_pool``."""
+    n = len(patches_hu)
+    out = np.full((n, len(feature_names(params_path))), np.nan)
+    jobs = ((np.asarray(p, np.float32), float(spacing_mm), str(params_path)) for p in patches_hu)
+    if pool is None and workers > 1 and n > 1:
+        with feature_pool(workers) as own:
+            return _collect(_patch_worker, jobs, out, own, progress, cancel)
+    return _collect(_patch_worker, jobs, out, pool, progress, cancel)
 
 
 class FeatureCache:

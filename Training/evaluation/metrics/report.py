@@ -104,7 +104,37 @@ def build_tables(results: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
                 for r, p in zip(rows, pairs, strict=True):
                     r.append(results["pairs"][p]["paired"]["models"][lab]["mean"][f"{k}_after"])
         tables["paired"] = (header, with_mean(rows))
+    if "clinical" in first:
+        header, rows = _clinical_table(results, labels, pairs)
+        tables["clinical"] = (header, with_mean(rows))
     return tables
+
+
+CLINICAL_COLUMNS = {  # no "|" in a header: it would split the markdown table
+    "laa950_bias": "%LAA-950 abs. bias",
+    "pd15_bias": "PD15 abs. bias (HU)",
+    "ccc_share_soft_tissue": "% CCC>=0.85 soft tissue",
+    "ccc_share_lung": "% CCC>=0.85 lung",
+}
+
+
+def _clinical_table(results: dict, labels: list[str], pairs: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """Per pair: before and, per model, after (mean over both directions) of each clinical column."""
+    header, rows = ["kernels"], [[p] for p in pairs]
+
+    def cell(p: str, lab: str, key: str) -> float | None:
+        v = results["pairs"][p]["clinical"]["models"][lab]["mean"][key]
+        return None if v is None else (100.0 * v if "share" in key else v)
+
+    for key, title in CLINICAL_COLUMNS.items():
+        header.append(f"{title} before")
+        for r, p in zip(rows, pairs, strict=True):
+            r.append(cell(p, labels[0], f"{key}_before"))
+        for lab in labels:
+            header.append(f"{title} {lab}")
+            for r, p in zip(rows, pairs, strict=True):
+                r.append(cell(p, lab, f"{key}_after"))
+    return header, rows
 
 
 TABLE_FILES = {
@@ -113,6 +143,7 @@ TABLE_FILES = {
     "structure": "structure.csv",
     "frd": "table_frd.csv",
     "paired": "paired.csv",
+    "clinical": "table_clinical.csv",
 }
 TABLE_TITLES = {
     "fid": "Table I: FID before and after harmonization (lower is better; mean of both directions)",
@@ -122,6 +153,9 @@ TABLE_TITLES = {
     "structure": "Structure preservation inside the lungs, harmonized vs its own input (1 = identical)",
     "paired": "Paired ground truth (simulated): PSNR [dB] / SSIM vs the true target-kernel slice (higher is "
     "better), NPS distance (relative L2, lower is better)",
+    "clinical": "Clinical quantities vs the true target-kernel slice (simulated): absolute Bland-Altman mean "
+    "difference of %LAA-950 and PD15 (lower is better), % of radiomic features with CCC >= 0.85 "
+    "(higher is better); mean of both directions",
 }
 
 
@@ -204,13 +238,43 @@ def write_outputs(out_dir: Path, results: dict, examples: dict[str, dict[str, np
             nps_files.append(name)
     if nps_files:
         files["nps"] = ", ".join(nps_files)
+    clinical_md = write_clinical_sections(out_dir, results, files)
     results.setdefault("outputs", {}).update(files | {"results": "results.json", "report": "report.md"})
-    write_text_atomic(out_dir / "report.md", render_report(results, tables, files, nps_files))
+    write_text_atomic(out_dir / "report.md", render_report(results, tables, files, nps_files, clinical_md))
     write_json_atomic(out_dir / "results.json", results)
     return files
 
 
-def render_report(results: dict, tables: dict, files: dict[str, str], nps_files: list[str]) -> str:
+def write_clinical_sections(out_dir: Path, results: dict, files: dict[str, str]) -> list[str]:
+    """Per pair, model and direction: the clinical figures (written) and markdown lines for report.md."""
+    from Training.evaluation.metrics.clinical_report import clinical_markdown, save_clinical_figures
+
+    lines: list[str] = []
+    figs: list[str] = []
+    for p in results["pairs_order"]:
+        models = results["pairs"][p].get("clinical", {}).get("models", {})
+        for mi, (lab, entry) in enumerate(models.items()):
+            for d, res in entry["directions"].items():
+                prefix = f"clinical_{d.replace('->', '_to_')}_m{mi}"
+                names = save_clinical_figures(out_dir, res, prefix=prefix, title=f"{d}, {lab}")
+                figs += names
+                lines += [
+                    f"### Clinical quantities {d}, {lab}",
+                    "",
+                    clinical_markdown(res, heading="####", figures=names),
+                ]
+    if figs:
+        files["clinical_figures"] = ", ".join(figs)
+    return lines
+
+
+def render_report(
+    results: dict,
+    tables: dict,
+    files: dict[str, str],
+    nps_files: list[str],
+    clinical_md: list[str] | None = None,
+) -> str:
     prov = results["provenance"]
     lines = ["# Harmonization evaluation", ""]
     for note in results["notes"]:
@@ -228,7 +292,7 @@ def render_report(results: dict, tables: dict, files: dict[str, str], nps_files:
             f"iterations, {state}"
         )
     lines.append("")
-    for name in ("fid", "radiomics", "frd", "structure", "paired"):
+    for name in ("fid", "radiomics", "frd", "structure", "paired", "clinical"):
         if name not in tables:
             continue
         header, rows = tables[name]
@@ -242,6 +306,8 @@ def render_report(results: dict, tables: dict, files: dict[str, str], nps_files:
         lines += [f"![{f}]({f})" for f in files["figures"].split(", ")] + [""]
     for f in nps_files:
         lines += [f"![{f}]({f})", ""]
+    if clinical_md:
+        lines += ["## Clinical quantities per direction", "", *clinical_md]
     lines += [
         "## Provenance",
         "",
