@@ -116,10 +116,9 @@ def _output_paths(series: Sequence[CohortSeries]) -> dict[int, str]:
     """Relative output path per series id(): the input's relative path (mirrored tree).
 
     A DICOM series gets a sub-folder named by its UID (dots made '_', so no suffix is read into it) when
-    its folder holds several CT series, when it
-    lies directly in the root, or when another output lies below its folder: each output folder holds
-    exactly one series, so its atomic replacement never touches another. Computed on the whole
-    discovery (not a shard) so every shard and every re-run agree.
+    its folder holds several CT series, lies directly in the root, or has another output below it: each
+    output folder holds exactly one series, so its atomic replacement never touches another. Computed on
+    the whole discovery (not a shard) so every shard and every re-run agree.
     """
     images = [s for s in series if not s.skip_reason]
     per_folder: dict[str, int] = {}
@@ -162,7 +161,10 @@ def _remove_temporaries(output: Path) -> None:
         return
     for pattern in (f".{glob.escape(stem)}{TEMP_MARKER}*", f".{glob.escape(output.name)}.old-*"):
         for p in output.parent.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _plan(found: Sequence[CohortSeries], out_root: Path, in_root: Path, model: ModelFile, mid: str,
@@ -181,8 +183,10 @@ def _plan(found: Sequence[CohortSeries], out_root: Path, in_root: Path, model: M
         reason = s.skip_reason
         if not reason:
             item.source, note = _source(s, model.domains, fallback)
-            reason = "" if item.source is not None else note
-            item.notes += [note] if item.source is not None and note else []
+            if item.source is None:
+                reason = note
+            elif note:
+                item.notes.append(note)
         if reason:
             item.action, row["status"], row["reason"] = "skip", "skipped", reason
             continue
@@ -317,14 +321,10 @@ def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, ta
 # Command line
 # ------------------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``cohort`` sub-command's options (``ctharmonize cohort``)."""
+    from .cli import _positive_int  # the check `harmonize --batch-size` uses (cli imports this module)
+
     p.add_argument("input_root", nargs="?", type=Path, help="folder tree of DICOM series and volume files")
     p.add_argument("--target", help="target kernel: a domain name, kernel or id of the model")
     p.add_argument("--output", "-o", type=Path,

@@ -88,6 +88,39 @@ def build_cohort(root: Path, slices: int, sim_patients: int) -> None:
     make_series(root / "other" / "dose", 1, sop_class="1.2.840.10008.5.1.4.1.1.7")
 
 
+def _time_harmonize(folder: str, results) -> None:
+    """One process: load the default model, harmonize a series once to warm up, then time it."""
+    import torch
+
+    from TextureStarGANCore.inference import Harmonizer
+
+    torch.set_num_threads(1)
+    vol = read_volume(folder)
+    h = Harmonizer.from_checkpoint(device="cpu")
+    h.harmonize(vol.hu[:1], vol.spacing, "B30f")
+    t = time.perf_counter()
+    h.harmonize(vol.hu, vol.spacing, "B30f")
+    results.put(time.perf_counter() - t)
+
+
+def headroom(folder: Path) -> tuple[float, list[float]]:
+    """Seconds for one series in one process alone, and in each of two processes running at once: tells
+    whether the machine has a free core for a second worker right now."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    timings = []
+    for n in (1, 2):
+        procs = [ctx.Process(target=_time_harmonize, args=(str(folder), results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        timings.append([results.get() for _ in procs])
+        for p in procs:
+            p.join()
+    return timings[0][0], sorted(timings[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=3, help="slices per series (default 3)")
@@ -122,6 +155,7 @@ def main() -> None:
         resume = run_cohort(root, tmp / "out1", "B30f", device="cpu", source="STANDARD")
         resume_s = time.perf_counter() - t
         assert resume.ran == 0
+        alone, together = headroom(root / "real" / "bigbore_0")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -154,6 +188,10 @@ def main() -> None:
         f"manifest, report) takes {resume_s:.1f} s. 2 workers: 2 processes with 1 torch thread each (spawn "
         "and model load included in the wall time); 1 worker: in-process, 1 torch thread. s per series = "
         "read + harmonize + write of one series; busy workers = their sum / harmonization wall time.",
+        "",
+        f"Headroom check right after (same 3-slice series, default model, 1 torch thread per process): "
+        f"{alone:.2f} s in one process alone, {together[0]:.2f} and {together[1]:.2f} s in two processes at "
+        f"once (a second worker gains when the two-process times stay near the one-process time).",
     ]
     text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
