@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_types import positive_int
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -88,16 +90,6 @@ class _Interrupts:
         return EXIT_TERMINATED if self.received == signal.SIGTERM else EXIT_CANCELLED
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctharmonize",
@@ -120,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run wrote (a folder holding anything else is refused)")
     h.add_argument("--series",
                    help="SeriesInstanceUID (or a unique prefix) when a folder holds several series")
-    h.add_argument("--batch-size", type=_positive_int, help="slices per batch (default: chosen per device)")
+    h.add_argument("--batch-size", type=positive_int, help="slices per batch (default: chosen per device)")
     h.add_argument("--fine-detail", choices=("scaled", "keep", "drop"), default="scaled",
                    help="detail finer than the model's pixels: scale it like the model changed the finest "
                         "texture it sees (default), keep it, or drop it")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from .cli_types import positive_int
 from .cohort_manifest import STATUSES, manifest_name, merge, previous_rows, write_manifest, write_report
 from .cohort_pool import execute, worker_slots
 from .cohort_worker import Task, input_checksum
@@ -323,14 +324,12 @@ def run_cohort(input_root: str | os.PathLike, output_root: str | os.PathLike, ta
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``cohort`` sub-command's options (``ctharmonize cohort``)."""
-    from .cli import _positive_int  # the check `harmonize --batch-size` uses (cli imports this module)
-
     p.add_argument("input_root", nargs="?", type=Path, help="folder tree of DICOM series and volume files")
     p.add_argument("--target", help="target kernel: a domain name, kernel or id of the model")
     p.add_argument("--output", "-o", type=Path,
                    help="output root: the mirrored tree, manifest.csv, report.md")
     p.add_argument("--model", type=Path, help="model file (.safetensors); default: the bundled model")
-    p.add_argument("--workers", type=_positive_int,
+    p.add_argument("--workers", type=positive_int,
                    help="worker processes (default: 1 on CPU, one per GPU on CUDA); each loads the model "
                         "once")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
