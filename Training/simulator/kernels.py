@@ -376,7 +376,7 @@ def variance_map(mu: np.ndarray, pixel_mm: float) -> np.ndarray:
     return np.maximum(resample_centered(coarse, cpx, mu.shape[0], pixel_mm), 1.0)
 
 
-def _radial_filters(cal: Calibration, size: int) -> tuple[np.ndarray, np.ndarray]:
+def radial_filters(cal: Calibration, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(MTF, sqrt of the unit-variance NPS shape) on the rfft2 grid of a size x size image; cached."""
     key = ("filters", size)
     if key not in cal.cache:
@@ -422,7 +422,7 @@ def reconstruct_fast(
     size = hu.shape[0]
     circle = _circle(size)
     mu = np.where(circle, hu_to_mu(hu), 0.0).astype(np.float32)
-    mtf, noise_filter = _radial_filters(calibration, size)
+    mtf, noise_filter = radial_filters(calibration, size)
     blurred = fft.irfft2(fft.rfft2(mu) * mtf, s=mu.shape)
     white = rng.standard_normal((size, size), dtype=np.float32)
     colored = fft.irfft2(fft.rfft2(white) * noise_filter, s=white.shape)
@@ -543,7 +543,7 @@ def calibrate(
     fast_rois, fast_var = [], []
     for _ in range(realizations):
         white = rng.standard_normal((size, size))
-        colored = np.fft.irfft2(np.fft.rfft2(white) * _radial_filters(cal, size)[1], s=white.shape)
+        colored = np.fft.irfft2(np.fft.rfft2(white) * radial_filters(cal, size)[1], s=white.shape)
         noise = colored * np.sqrt(gain * variance_map(water, pixel_mm) / total)
         fast_rois.append(nps_rois(noise, centers, roi))
         fast_var.append(float(noise[c0 : c0 + roi, c0 : c0 + roi].var()))

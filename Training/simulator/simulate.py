@@ -77,8 +77,16 @@ def write_ct_series(
     description: str,
     uid_seed: Sequence[object],
     study_date: str = "20260101",
+    slice_thickness_mm: float | None = None,
+    study_description: str = "SIMULATED CHEST",
+    body_part: str = "CHEST",
+    institution: str = "Simulated (ct-harmonization phantom)",
 ) -> None:
-    """Write (N, R, C) HU slices as a new single-frame CT Image Storage series (int16, intercept -1024)."""
+    """Write (N, R, C) HU slices as a new single-frame CT Image Storage series (int16, intercept -1024).
+
+    Tags: the emulated Manufacturer / ManufacturerModelName / ConvolutionKernel (multi-valued when the
+    kernel has a strength, e.g. Siemens "I30f\\3"), ReconstructionDiameter = matrix x pixel, and
+    ImageComments "SIMULATED" (with InstitutionName, how ``prepare`` tells simulated from real series)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
@@ -105,24 +113,25 @@ def write_ct_series(
         ds.AccessionNumber = ""
         ds.Modality = "CT"
         ds.Manufacturer = spec.manufacturer
-        ds.InstitutionName = "Simulated (ct-harmonization phantom)"
+        ds.InstitutionName = institution
+        ds.ImageComments = "SIMULATED by the ct-harmonization kernel simulator"
         ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "SIMULATED CHEST"
+        ds.StudyDescription = study_description
         ds.SeriesDescription = description
         ds.ManufacturerModelName = spec.scanner_model
         ds.PatientName = f"SIM^{patient_id}"
         ds.PatientID = patient_id
         ds.PatientBirthDate = ""
         ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{spec.slice_thickness_mm:g}"
+        ds.BodyPartExamined = body_part
+        ds.SliceThickness = f"{slice_thickness_mm or spec.slice_thickness_mm:g}"
         ds.KVP = f"{spec.kvp:g}"
         ds.DataCollectionDiameter = "500"
-        ds.ReconstructionDiameter = f"{spec.fov_mm:g}"
+        ds.ReconstructionDiameter = f"{cols * pixel_mm:.1f}"
         ds.GantryDetectorTilt = "0"
         ds.XRayTubeCurrent = spec.tube_current_ma
         ds.Exposure = spec.exposure_mas
-        ds.ConvolutionKernel = spec.kernel
+        ds.ConvolutionKernel = spec.kernel.split("\\") if "\\" in spec.kernel else spec.kernel
         ds.PatientPosition = "HFS"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
