@@ -161,17 +161,17 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
     ),
     # Philips Brilliance 16: B (standard body), C (sharper body, estimated), L (lung); fitted on the pair.
     CatalogueEntry(
-        _s("PHILIPS_B", _PHILIPS, "Brilliance 16", "B", 430, PHILIPS_B_WINDOW, -1024.0),
+        _s("PHILIPS_B", _PHILIPS, "Brilliance16", "B", 430, PHILIPS_B_WINDOW, -1024.0),
         "smooth",
         f"fitted on shared series {_CHEST_PAIR} (B_smooth + L_sharp, slices 1-32, joint dose)",
     ),
     CatalogueEntry(
-        _s("PHILIPS_C", _PHILIPS, "Brilliance 16", "C", 430, ("shaped", 0.45, 0.6, 3.0), -1024.0),
+        _s("PHILIPS_C", _PHILIPS, "Brilliance16", "C", 430, ("shaped", 0.45, 0.6, 3.0), -1024.0),
         "medium",
         _EST + " (between the fitted B and L)",
     ),
     CatalogueEntry(
-        _s("PHILIPS_L", _PHILIPS, "Brilliance 16", "L", 430, PHILIPS_L_WINDOW, -1024.0),
+        _s("PHILIPS_L", _PHILIPS, "Brilliance16", "L", 430, PHILIPS_L_WINDOW, -1024.0),
         "sharp",
         f"fitted on shared series {_CHEST_PAIR} (B_smooth + L_sharp, slices 1-32, joint dose)",
     ),
@@ -195,7 +195,16 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
     # Philips Ingenuity CT head kernels; fitted on the head-phantom pair.
     CatalogueEntry(
         _s(
-            "PHILIPS_UB_IDOSE", _PHILIPS, "Ingenuity CT", "UB", 231, PHILIPS_UB_WINDOW, -1024.0, thickness=1.0
+            "PHILIPS_UB_IDOSE",
+            _PHILIPS,
+            "Ingenuity CT",
+            "UB",
+            231,
+            PHILIPS_UB_WINDOW,
+            -1024.0,
+            # r = 0: the fitted window already holds iDose's noise texture; the label names it (prepare).
+            iterative=("ir", 0.0, 0.2, "iDose"),
+            thickness=1.0,
         ),
         "smooth, iterative",
         f"fitted on shared series {_HEAD_PAIR} (UB_standard + YA_bone, slices 1-24, joint dose)",

@@ -61,14 +61,16 @@ def resample_object(
 
 
 def _licence_text(folder: Path, root: Path) -> list[str]:
-    """Licence / attribution files of a source series: its folder and every parent up to ``root``."""
+    """Licence / attribution files of a source series: its folder and its parents up to ``root``, or
+    (when ``root`` is the series itself, as for one shared series) up to two levels above it."""
+    stop = root if folder != root else root.parent.parent
     out, cur = [], folder
     while True:
         for name in _LICENCE_FILES:
             f = cur / name
             if f.is_file():
                 out.append(f"### {f}\n\n```\n{f.read_text(errors='replace').strip()}\n```\n")
-        if cur == root or root not in cur.parents:
+        if cur == stop or stop not in cur.parents:
             break
         cur = cur.parent
     return out
