@@ -3,7 +3,7 @@ any set of catalogue kernels on one pixel grid (pixel-aligned pairs with real an
 
 Object (``attenuation_map``), once per source slice:
 1. noise SD of the source: high-pass SD in soft tissue (``measure.highpass_noise_sd``);
-2. edge-preserving denoising: non-local means (scikit-image, fast mode, h = 0.8 SD), which averages
+2. edge-preserving denoising: non-local means (scikit-image, fast mode, h = 1.5 SD: weaker settings leave half the high-pass noise), which averages
    similar patches and so keeps edges and structured texture while removing uncorrelated noise;
 3. mild deconvolution of the source kernel: a Wiener filter W / (W^2 + 0.1) (normalised to 1 at zero
    frequency, capped at a gain of 2) with W the source kernel's window from the catalogue (matched on
@@ -114,7 +114,7 @@ def attenuation_map(hu: np.ndarray, pixel_mm: float, source: K.KernelSpec) -> np
 
         sd = float(estimate_sigma(hu))
     den = denoise_nl_means(
-        hu, h=0.8 * sd, sigma=sd, patch_size=5, patch_distance=5, fast_mode=True, preserve_range=True
+        hu, h=1.5 * sd, sigma=sd, patch_size=5, patch_distance=5, fast_mode=True, preserve_range=True
     ).astype(np.float32)
     fy = np.fft.fftfreq(hu.shape[0]) / pixel_mm
     fx = np.fft.rfftfreq(hu.shape[1]) / pixel_mm

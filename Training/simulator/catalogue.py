@@ -132,7 +132,7 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         _s(
             "GE_STANDARD_ASIR40",
             _GE,
-            "LightSpeed VCT",
+            "Discovery CT750 HD",
             "STANDARD",
             360,
             ("hann", 1.2),
@@ -141,7 +141,8 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         ),
         "medium, iterative",
         _EST + "; ASiR 40 % as a 30 % noise-SD reduction with the NPS shifted lower",
-        "GE keeps ConvolutionKernel STANDARD; prepare tells it from FBP by 'ASIR' in SeriesDescription",
+        "GE keeps ConvolutionKernel STANDARD (ASiR level in SeriesDescription); a scanner model other "
+        "than GE_STANDARD's keeps prepare's domains apart",
     ),
     # GE scanners of the shared series (emulated for the realism check).
     CatalogueEntry(
@@ -189,7 +190,7 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "smooth, iterative",
         f"window fitted on {_CHEST_PAIR} B; iDose level 3 as a 23 % noise-SD reduction: estimated; "
         "checked on shared series philips_bigbore_chest_abdomen_b_idose",
-        "iterative model: noise only; Philips keeps ConvolutionKernel B, prepare reads 'iDose' from "
+        "iterative model: noise only; Philips keeps ConvolutionKernel B, the iDose level is in "
         "SeriesDescription",
     ),
     # Philips Ingenuity CT head kernels; fitted on the head-phantom pair.
@@ -202,7 +203,8 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
             231,
             PHILIPS_UB_WINDOW,
             -1024.0,
-            # r = 0: the fitted window already holds iDose's noise texture; the label names it (prepare).
+            # r = 0: the fitted window already holds iDose's noise texture; the label goes to the
+            # SeriesDescription.
             iterative=("ir", 0.0, 0.2, "iDose"),
             thickness=1.0,
         ),

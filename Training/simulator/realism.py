@@ -132,7 +132,7 @@ def simulate_group(
     masks = [soft_tissue_mask(r) for r in real_s]
 
     def hp(imgs: np.ndarray) -> float:
-        return math.sqrt(np.mean([highpass_noise_sd(i, m) ** 2 for i, m in zip(imgs, masks, strict=True)]))
+        return math.sqrt(np.nanmean([highpass_noise_sd(i, m) ** 2 for i, m in zip(imgs, masks, strict=True)]))
 
     target, s_sig, s_noise = hp(real_s), hp(sig), hp(noi)
     scale = math.sqrt(max(target**2 - s_sig**2, 0.0)) / max(s_noise, 1e-6)

@@ -27,13 +27,12 @@ import numpy as np
 
 from TextureStarGANCore.fileio import atomic_output, write_text_atomic
 from TextureStarGANCore.masks import body_mask
+from Training.data.licences import attribution_section, licence_files
 from Training.simulator import anatomy as A
 from Training.simulator import kernels as K
 from Training.simulator.simulate import SIMULATOR_VERSION, SimulationCancelled, _uid, write_ct_series
 
 __all__ = ["simulate_anatomy", "resample_object"]
-
-_LICENCE_FILES = ("README.md", "README", "LICENSE", "Citations")
 
 
 def resample_object(
@@ -58,22 +57,6 @@ def resample_object(
         hu, matrix, offset=offset, output_shape=(size, size), order=3, cval=-1000.0
     )
     return out.astype(np.float32)
-
-
-def _licence_text(folder: Path, root: Path) -> list[str]:
-    """Licence / attribution files of a source series: its folder and its parents up to ``root``, or
-    (when ``root`` is the series itself, as for one shared series) up to two levels above it."""
-    stop = root if folder != root else root.parent.parent
-    out, cur = [], folder
-    while True:
-        for name in _LICENCE_FILES:
-            f = cur / name
-            if f.is_file():
-                out.append(f"### {f}\n\n```\n{f.read_text(errors='replace').strip()}\n```\n")
-        if cur == stop or stop not in cur.parents:
-            break
-        cur = cur.parent
-    return out
 
 
 def simulate_anatomy(
@@ -221,7 +204,7 @@ def simulate_anatomy(
                 f"{src.manufacturer} {src.model} / {src.kernel}, {src.files} files",
                 "",
             ]
-            lines += _licence_text(src.folder, root) or ["(no licence file found beside the series)", ""]
+            lines += attribution_section(licence_files(src.folder, root)) or ["(no licence file found)", ""]
         write_text_atomic(tmp / "SOURCES.md", "\n".join(lines) + "\n")
     return record
 
