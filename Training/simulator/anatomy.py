@@ -3,8 +3,9 @@ any set of catalogue kernels on one pixel grid (pixel-aligned pairs with real an
 
 Object (``attenuation_map``), once per source slice:
 1. noise SD of the source: high-pass SD in soft tissue (``measure.highpass_noise_sd``);
-2. edge-preserving denoising: non-local means (scikit-image, fast mode, h = 1.5 SD: weaker settings leave half the high-pass noise), which averages
-   similar patches and so keeps edges and structured texture while removing uncorrelated noise;
+2. edge-preserving denoising: non-local means (scikit-image, fast mode, h = 1.5 SD; h = 0.8 SD left half
+   of the high-pass noise), which averages similar patches and so keeps edges and structured texture
+   while removing uncorrelated noise;
 3. mild deconvolution of the source kernel: a Wiener filter W / (W^2 + 0.1) (normalised to 1 at zero
    frequency, capped at a gain of 2) with W the source kernel's window from the catalogue (matched on
    manufacturer, model and ConvolutionKernel), or a Gaussian with MTF50 0.35 /mm when the kernel is not
