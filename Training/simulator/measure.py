@@ -83,9 +83,17 @@ def uniform_nps(rois: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, np.ndarr
 
 
 def smoothed_peak(freq: np.ndarray, nps: np.ndarray) -> float:
-    """Frequency of the maximum of the 3-bin moving average (one noisy ring does not decide the peak)."""
+    """Frequency of the maximum of the 3-bin moving average (one noisy ring does not decide the peak),
+    refined between bins by the vertex of the parabola through the maximum and its neighbours (ROI NPS
+    bins are 1 / (ROI x pixel) wide: 0.04 /mm for 32 px ROIs at 0.84 mm)."""
     sm = np.convolve(nps, np.ones(3) / 3.0, mode="same")
-    return float(freq[int(np.argmax(sm))])
+    i = int(np.argmax(sm))
+    if 0 < i < len(sm) - 1:
+        den = sm[i - 1] - 2.0 * sm[i] + sm[i + 1]
+        if den < 0:
+            shift = float(np.clip(0.5 * (sm[i - 1] - sm[i + 1]) / den, -0.5, 0.5))
+            return float(freq[i] + shift * (freq[i + 1] - freq[i]))
+    return float(freq[i])
 
 
 def _edge_profiles(hu: np.ndarray, half: int = 10) -> list[np.ndarray]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from Training.simulator import kernels as K
+from Training.simulator.measure import smoothed_peak
 from Training.simulator.nps import NPSResult, plot_nps, write_nps_csv
 from Training.simulator.phantom import ChestPhantom, random_params
 
@@ -164,12 +165,6 @@ def write_ct_series(
         ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
 
 
-def _smoothed_peak(freq: np.ndarray, nps: np.ndarray) -> float:
-    # A 3-bin moving average keeps one noisy ring from deciding the peak.
-    sm = np.convolve(nps, np.ones(3) / 3.0, mode="same")
-    return float(freq[int(np.argmax(sm))])
-
-
 def _write_calibration(
     nps_dir: Path, cals: dict[str, K.Calibration], specs: Sequence[K.KernelSpec], plots: bool = True
 ) -> list[dict]:
@@ -210,8 +205,8 @@ def _write_calibration(
                 "scanner": f"{spec.manufacturer} {spec.scanner_model}",
                 "kernel": spec.kernel,
                 "pixel_mm": round(cal.pixel_mm, 4),
-                "nps_peak_full_per_mm": round(_smoothed_peak(cal.freq, full), 3),
-                "nps_peak_fast_per_mm": round(_smoothed_peak(cal.freq, fast), 3),
+                "nps_peak_full_per_mm": round(smoothed_peak(cal.freq, full), 3),
+                "nps_peak_fast_per_mm": round(smoothed_peak(cal.freq, fast), 3),
                 "nps_mean_freq_full_per_mm": round(res_full.mean_freq, 3),
                 "nps_mean_freq_fast_per_mm": round(NPSResult(cal.freq, fast, 0.0).mean_freq, 3),
                 "noise_sd_water250_full_hu": round(spec.noise_sd_water_hu, 2),
