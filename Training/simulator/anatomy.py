@@ -169,7 +169,7 @@ def reconstruct_kernels(
     from scipy import fft
 
     size = hu.shape[0]
-    circle = K._circle(size) if scan_circle else np.ones((size, size), dtype=bool)
+    circle = K.scan_circle_mask(size) if scan_circle else np.ones((size, size), dtype=bool)
     mu = np.where(circle, K.hu_to_mu(hu), 0.0).astype(np.float32)
     coarse, cpx = K.variance_map_coarse(mu, pixel_mm)
     var = np.maximum(K.resample_centered(coarse, cpx, size, pixel_mm), 1.0)
@@ -183,5 +183,5 @@ def reconstruct_kernels(
         amp = noise_scale * math.sqrt(cal.noise_gain / total_photons)
         img = fft.irfft2(f_obj * mtf + f_noise * (noise_filter * np.float32(amp)), s=(size, size))
         img = np.where(circle, img, -1000.0).astype(np.float32)
-        out[spec.name] = K._pad_outside(img, spec) if scan_circle else img
+        out[spec.name] = K.pad_outside(img, spec) if scan_circle else img
     return out

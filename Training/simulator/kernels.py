@@ -46,6 +46,9 @@ __all__ = [
     "variance_map",
     "variance_map_coarse",
     "resample_centered",
+    "radial_filters",
+    "scan_circle_mask",
+    "pad_outside",
 ]
 
 
@@ -220,7 +223,7 @@ def _angles(n_angles: int) -> np.ndarray:
     return np.linspace(0.0, 180.0, n_angles, endpoint=False)
 
 
-def _circle(size: int) -> np.ndarray:
+def scan_circle_mask(size: int) -> np.ndarray:
     # The reconstruction circle exactly as scikit-image's radon/iradon define it (circle=True).
     c, r = size // 2, size // 2
     yy, xx = np.ogrid[:size, :size]
@@ -229,7 +232,8 @@ def _circle(size: int) -> np.ndarray:
 
 def project(mu: np.ndarray, pixel_mm: float, n_angles: int) -> np.ndarray:
     """Line integrals (dimensionless, sinogram (n_det, n_angles)) of an attenuation image in 1/mm."""
-    img = np.where(_circle(mu.shape[0]), mu, 0.0)  # the scan circle: radon(circle=True) needs zeros outside
+    # The scan circle: radon(circle=True) needs zeros outside.
+    img = np.where(scan_circle_mask(mu.shape[0]), mu, 0.0)
     return radon(img, _angles(n_angles), circle=True) * pixel_mm
 
 
@@ -277,12 +281,12 @@ def reconstruct_fbp(
         fr = np.sqrt(f[None, :] ** 2 + f[:, None] ** 2)
         g = iterative_noise_response(spec, fr, calibration.ir_strength)
         out = (clean + _filter_image(out - clean, g)).astype(np.float32)
-    return _pad_outside(out, spec)
+    return pad_outside(out, spec)
 
 
-def _pad_outside(hu: np.ndarray, spec: KernelSpec) -> np.ndarray:
+def pad_outside(hu: np.ndarray, spec: KernelSpec) -> np.ndarray:
     if spec.padding_hu is not None:
-        hu = np.where(_circle(hu.shape[-1]), hu, np.float32(spec.padding_hu)).astype(np.float32)
+        hu = np.where(scan_circle_mask(hu.shape[-1]), hu, np.float32(spec.padding_hu)).astype(np.float32)
     return hu
 
 
@@ -366,7 +370,7 @@ def variance_map_coarse(mu: np.ndarray, pixel_mm: float, coarse: int = 64) -> tu
     p = project(small, cpx, n_angles)
     # Unfiltered back-projection = (pi / (2 n_angles)) * sum over views; rescale to the mean.
     back = iradon(np.exp(p), _angles(n_angles), output_size=coarse, filter_name=None, circle=True)
-    mean = np.where(_circle(coarse), back * (2.0 / np.pi), 1.0)
+    mean = np.where(scan_circle_mask(coarse), back * (2.0 / np.pi), 1.0)
     return np.maximum(mean, 1.0), cpx
 
 
@@ -420,7 +424,7 @@ def reconstruct_fast(
     from scipy import fft
 
     size = hu.shape[0]
-    circle = _circle(size)
+    circle = scan_circle_mask(size)
     mu = np.where(circle, hu_to_mu(hu), 0.0).astype(np.float32)
     mtf, noise_filter = radial_filters(calibration, size)
     blurred = fft.irfft2(fft.rfft2(mu) * mtf, s=mu.shape)
@@ -430,7 +434,7 @@ def reconstruct_fast(
         variance = variance_map(mu, spec.pixel_mm(size))
     noise = colored * np.sqrt(calibration.noise_gain * variance / photons_per_view(spec, calibration, 1))
     out = np.where(circle, mu_to_hu(blurred) + noise, -1000.0).astype(np.float32)
-    out = _pad_outside(out, spec)
+    out = pad_outside(out, spec)
     return (out, noise.astype(np.float32)) if return_noise else out
 
 
