@@ -237,3 +237,13 @@ def test_prepare_mixes_real_and_simulated_with_origin_and_attribution(sim_tree, 
     assert "CC BY: attribution required" in readme and "Lung-PET-CT-Dx" in readme
     assert len(CTSliceDataset(out, split=None, origin="real")) == 3
     assert len(CTSliceDataset(out, split=None, origin="simulated")) == 3 * len(DOMAINS)
+
+
+def test_trainer_config_origin_is_checked():
+    from Training.trainer.config import ConfigError, load_config
+
+    cfg = Path(__file__).resolve().parents[1] / "Training" / "configs" / "cpu_demo.yaml"
+    assert load_config(cfg).data.origin is None
+    assert load_config(cfg, ["data.origin=real"]).data.origin == "real"
+    with pytest.raises(ConfigError, match="data.origin"):
+        load_config(cfg, ["data.origin=both"])
