@@ -345,7 +345,7 @@ def simulate(
                         vmap = np.maximum(K.resample_centered(coarse, cpx, size, px), 1.0)
                         recon[s] = K.reconstruct_fast(hu, spec, cals[spec.name], srng, variance=vmap)
                 series_uid = _uid(seed, pid, spec.name, "series")
-                folder_name = f"{k_idx + 1:02d}_{spec.kernel.replace('/', '_')}"
+                folder_name = f"{k_idx + 1:02d}_{spec.kernel.replace('/', '_').replace(chr(92), '_')}"
                 write_ct_series(
                     tmp / pid / folder_name,
                     recon,
