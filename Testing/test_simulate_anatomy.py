@@ -247,3 +247,36 @@ def test_trainer_config_origin_is_checked():
     assert load_config(cfg, ["data.origin=real"]).data.origin == "real"
     with pytest.raises(ConfigError, match="data.origin"):
         load_config(cfg, ["data.origin=both"])
+
+
+@pytest.mark.slow
+def test_realism_on_the_real_chest_pair_meets_the_targets(tmp_path):
+    """The command's library end to end on the Philips chest pair (held-out second half, 4 slices)."""
+    from Training.simulator_realism import main
+
+    _need_real()
+    root = tmp_path / "real_ct"
+    root.mkdir()
+    (root / CHEST_B.parent.name).symlink_to(CHEST_B.parent)
+    assert main(["--out", str(tmp_path / "out"), "--real-root", str(root), "--slices", "4"]) == 0
+    rows = json.loads((tmp_path / "out" / "realism.json").read_text())
+    assert [r["domain"] for r in rows] == ["PHILIPS_B", "PHILIPS_L"]
+    for r in rows:
+        assert abs(r["nps_peak_error_pct"]) < 15.0
+    assert abs(rows[1]["pair_ratio_error_pct"]) < 25.0
+    assert 4.5 < rows[1]["pair_ratio_real"] < 7.5  # about 53 / 9 HU
+    assert (tmp_path / "out" / "nps_chest_pair.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "nps_ratio_chest_pair.png").is_file()
+
+
+def test_cropped_anatomy_is_skipped_with_its_reason(tmp_path):
+    from Training.simulator.simulate_anatomy import simulate_anatomy
+
+    crop = REAL / "ge_discovery_st_soft_standard_cropped" / "STS_008"
+    if not crop.is_dir():
+        pytest.skip(f"shared real CT not found at {crop}")
+    tree = tmp_path / "crop"
+    shutil.copytree(crop, tree)
+    with pytest.raises(ValueError, match=r"no usable anatomy.*cropped \(137 x 141 px"):
+        simulate_anatomy(tmp_path / "out", tree, C.select("GE_SOFT"))
+    assert not (tmp_path / "out").exists()

@@ -116,6 +116,8 @@ def _anatomy(args) -> int:
             f"wrote {len(record['patients'])} patients x {len(specs)} kernels ({n} paired slices) to "
             f"{args.out} in {record['settings']['seconds']:.0f} s"
         )
+        for skip in record["skipped_sources"]:
+            print(f"  skipped {skip['source']}: {skip['reason']}")
     return code
 
 

@@ -32,7 +32,9 @@ from Training.simulator import anatomy as A
 from Training.simulator import kernels as K
 from Training.simulator.simulate import SIMULATOR_VERSION, SimulationCancelled, _uid, write_ct_series
 
-__all__ = ["simulate_anatomy", "resample_object"]
+__all__ = ["simulate_anatomy", "resample_object", "MIN_SOURCE_PX"]
+
+MIN_SOURCE_PX = 256  # smaller series are crops (e.g. the shared GE thigh crops), not whole slices
 
 
 def resample_object(
@@ -94,8 +96,18 @@ def simulate_anatomy(
         out.rmdir()
     patients = []
     with atomic_output(out, folder=True) as tmp:
+        skipped = []
         for s_idx, src in enumerate(sources):
             vol = src.load()
+            if min(vol.hu.shape[1:]) < MIN_SOURCE_PX:  # a crop: its tissue would float in air
+                skipped.append(
+                    {
+                        "source": str(src.folder),
+                        "reason": f"cropped ({vol.hu.shape[1]} x {vol.hu.shape[2]} px < {MIN_SOURCE_PX})",
+                    }
+                )
+                done += variants
+                continue
             n = vol.hu.shape[0] if max_slices is None else min(max_slices, vol.hu.shape[0])
             src_px = float(vol.spacing[0])
             thick = float(vol.tags.get("SliceThickness") or vol.spacing[2] or 1.0)
@@ -167,6 +179,8 @@ def simulate_anatomy(
                     progress(done, total)
                 if cancel is not None and cancel.is_set():
                     raise SimulationCancelled("simulation cancelled; nothing was written")
+        if not patients:
+            raise ValueError(f"no usable anatomy under {root}: " + "; ".join(x["reason"] for x in skipped))
         record = {
             "simulated": True,
             "simulator_version": SIMULATOR_VERSION,
@@ -188,6 +202,7 @@ def simulate_anatomy(
             "paired_ground_truth": "slice k of every series of a patient is the same object slice (same z, "
             "same frame of reference, same grid)",
             "patients": patients,
+            "skipped_sources": skipped,
         }
         (tmp / "simulation.json").write_text(json.dumps(record, indent=1))
         lines = [
