@@ -93,7 +93,7 @@ def _slices(n: int, half: str, count: int) -> np.ndarray:
 
 def simulate_group(
     members: Sequence[RealSeries], root: Path, half: str, count: int, seed: int = 0
-) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
     """{folder: (real slices, simulated slices, pixel, noise scale)}; noise matched on the smooth member."""
     from TextureStarGANCore.volume_io import read_volume
 
