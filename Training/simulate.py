@@ -128,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         return fail("--out is required (or --list-domains)")
     if args.anatomy is not None:
+        if args.full_fbp:
+            return fail("--full-fbp is for the phantom path; --anatomy uses the calibrated fast path only")
         return _anatomy(args)
     if args.patients is None or args.slices is None:
         return fail("the phantom path needs --patients and --slices (or give --anatomy PATH)")
