@@ -82,12 +82,14 @@ def write_ct_series(
     study_description: str = "SIMULATED CHEST",
     body_part: str = "CHEST",
     institution: str = "Simulated (ct-harmonization phantom)",
+    first_instance: int = 0,
 ) -> None:
     """Write (N, R, C) HU slices as a new single-frame CT Image Storage series (int16, intercept -1024).
 
     Tags: the emulated Manufacturer / ManufacturerModelName / ConvolutionKernel (multi-valued when the
     kernel has a strength, e.g. Siemens "I30f\\3"), ReconstructionDiameter = matrix x pixel, and
-    ImageComments "SIMULATED" (with InstitutionName, how ``prepare`` tells simulated from real series)."""
+    ImageComments "SIMULATED" (with InstitutionName, how ``prepare`` tells simulated from real series).
+    ``first_instance``: index of the first slice, to write a long series in chunks."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
@@ -97,7 +99,8 @@ def write_ct_series(
     x0 = -(cols - 1) / 2.0 * pixel_mm
     y0 = -(rows - 1) / 2.0 * pixel_mm
     for k in range(n):
-        sop_uid = _uid(*uid_seed, "sop", k)
+        g = first_instance + k  # the slice's index in the whole series
+        sop_uid = _uid(*uid_seed, "sop", g)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
         meta.MediaStorageSOPInstanceUID = sop_uid
@@ -139,7 +142,7 @@ def write_ct_series(
         ds.StudyID = "1"
         ds.SeriesNumber = series_number
         ds.AcquisitionNumber = 1
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = g + 1
         ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{float(z_mm[k]):.4f}"]
         ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         ds.FrameOfReferenceUID = frame_uid
@@ -162,7 +165,7 @@ def write_ct_series(
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
-        ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"IM{g + 1:04d}.dcm", enforce_file_format=True)
 
 
 def _write_calibration(

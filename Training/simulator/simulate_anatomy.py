@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from Training.simulator.simulate import SIMULATOR_VERSION, SimulationCancelled, 
 
 __all__ = ["simulate_anatomy", "resample_object", "MIN_SOURCE_PX"]
 
+_CHUNK = 16  # slices reconstructed before they are written
 MIN_SOURCE_PX = 256  # smaller series are crops (e.g. the shared GE thigh crops), not whole slices
 
 
@@ -129,34 +131,41 @@ def simulate_anatomy(
                 angle = float(rng.uniform(-max_rotation_deg, max_rotation_deg))
                 photons = A.photons(dose, thickness)
                 pid = f"ANAT{seed:03d}-{s_idx:03d}-{v:02d}"
-                recon = {sp.name: np.empty((n, size, size), np.float32) for sp in specs}
-                for k in range(n):
-                    obj = resample_object(objects[k], src_px, centre, size, px, angle, scale)
-                    for name, img in A.reconstruct_kernels(obj, px, specs, cals, photons, rng).items():
-                        recon[name][k] = img
                 study_uid, frame_uid = _uid(seed, pid, "study"), _uid(seed, pid, "frame")
-                series = []
-                for k_idx, spec in enumerate(specs):
-                    folder = f"{k_idx + 1:02d}_{spec.name}"
-                    write_ct_series(
-                        tmp / pid / folder,
-                        recon[spec.name],
-                        pixel_mm=px,
-                        z_mm=z,
-                        spec=spec,
-                        patient_id=pid,
-                        study_uid=study_uid,
-                        series_uid=_uid(seed, pid, spec.name, "series"),
-                        frame_uid=frame_uid,
-                        series_number=k_idx + 1,
-                        description=_description(spec),
-                        uid_seed=(seed, pid, spec.name),
-                        slice_thickness_mm=thickness,
-                        study_description="SIMULATED FROM REAL ANATOMY",
-                        body_part=str(vol.tags.get("BodyPartExamined", "") or "UNKNOWN")[:16],
-                        institution="Simulated (ct-harmonization, real anatomy)",
-                    )
-                    series.append({"folder": f"{pid}/{folder}", "domain": spec.name, "kernel": spec.kernel})
+                # Exposure tags follow the drawn dose; chunks of slices bound the memory (13 kernels x 512^2).
+                emulated = [replace(sp, exposure_mas=max(1, round(sp.exposure_mas * dose))) for sp in specs]
+                folders = [f"{k_idx + 1:02d}_{sp.name}" for k_idx, sp in enumerate(specs)]
+                for c0 in range(0, n, _CHUNK):
+                    ks = range(c0, min(n, c0 + _CHUNK))
+                    recon = {sp.name: np.empty((len(ks), size, size), np.float32) for sp in specs}
+                    for j, k in enumerate(ks):
+                        obj = resample_object(objects[k], src_px, centre, size, px, angle, scale)
+                        for name, img in A.reconstruct_kernels(obj, px, specs, cals, photons, rng).items():
+                            recon[name][j] = img
+                    for k_idx, spec in enumerate(emulated):
+                        write_ct_series(
+                            tmp / pid / folders[k_idx],
+                            recon[spec.name],
+                            pixel_mm=px,
+                            z_mm=z[c0 : c0 + len(ks)],
+                            spec=spec,
+                            patient_id=pid,
+                            study_uid=study_uid,
+                            series_uid=_uid(seed, pid, spec.name, "series"),
+                            frame_uid=frame_uid,
+                            series_number=k_idx + 1,
+                            description=_description(spec),
+                            uid_seed=(seed, pid, spec.name),
+                            slice_thickness_mm=thickness,
+                            study_description="SIMULATED FROM REAL ANATOMY",
+                            body_part=str(vol.tags.get("BodyPartExamined", "") or "UNKNOWN")[:16],
+                            institution="Simulated (ct-harmonization, real anatomy)",
+                            first_instance=c0,
+                        )
+                series = [
+                    {"folder": f"{pid}/{f}", "domain": sp.name, "kernel": sp.kernel}
+                    for f, sp in zip(folders, specs, strict=True)
+                ]
                 patients.append(
                     {
                         "patient": pid,
