@@ -6,10 +6,11 @@ Object (``attenuation_map``), once per source slice:
 2. edge-preserving denoising: non-local means (scikit-image, fast mode, h = 1.5 SD; h = 0.8 SD left half
    of the high-pass noise), which averages similar patches and so keeps edges and structured texture
    while removing uncorrelated noise;
-3. mild deconvolution of the source kernel: a Wiener filter W / (W^2 + 0.1) (normalised to 1 at zero
-   frequency, capped at a gain of 2) with W the source kernel's window from the catalogue (matched on
-   manufacturer, model and ConvolutionKernel), or a Gaussian with MTF50 0.35 /mm when the kernel is not
-   in the catalogue. The cap keeps the residual noise from being amplified into false texture.
+3. mild deconvolution of the source kernel: a Wiener filter M / (M^2 + 0.1) (normalised to 1 at zero
+   frequency, capped at a gain of 2) with M the MTF the simulator gives the source kernel at the source
+   pixel (catalogue entry matched on manufacturer, model and ConvolutionKernel; a Gaussian window with
+   MTF50 0.35 /mm when the kernel is not in the catalogue). The cap keeps the residual noise from being
+   amplified into false texture.
 
 Reconstruction (``reconstruct_kernels``), once per output slice: the object is resampled (cubic, with
 the augmentation's rotation and scale) onto the output grid, then for every kernel the fast path:
@@ -102,8 +103,14 @@ def source_window(source: AnatomySource) -> K.KernelSpec:
     return K.KernelSpec("generic", "-", "-", "-", 1.0, 1.0, ("gaussian", 0.35 / math.sqrt(math.log(2))), None)
 
 
-def attenuation_map(hu: np.ndarray, pixel_mm: float, source: K.KernelSpec) -> np.ndarray:
-    """Noise-reduced, de-blurred HU slice (float32) from one real slice; see the module docstring."""
+def attenuation_map(
+    hu: np.ndarray, pixel_mm: float, source: K.KernelSpec, calibration: K.Calibration | None = None
+) -> np.ndarray:
+    """Noise-reduced, de-blurred HU slice (float32) from one real slice; see the module docstring.
+
+    With the source kernel's ``calibration`` (at ``pixel_mm``) the deconvolved response is the MTF the
+    simulator itself gives that kernel (so re-simulating the source kernel restores its sharpness);
+    without, the kernel's window."""
     from scipy import fft
     from skimage.restoration import denoise_nl_means
 
@@ -120,7 +127,11 @@ def attenuation_map(hu: np.ndarray, pixel_mm: float, source: K.KernelSpec) -> np
     ).astype(np.float32)
     fy = np.fft.fftfreq(hu.shape[0]) / pixel_mm
     fx = np.fft.rfftfreq(hu.shape[1]) / pixel_mm
-    w = K.window_response(source, np.sqrt(fx[None, :] ** 2 + fy[:, None] ** 2))
+    fr = np.sqrt(fx[None, :] ** 2 + fy[:, None] ** 2)
+    if calibration is not None:
+        w = np.interp(fr, calibration.freq, calibration.mtf, right=calibration.mtf[-1])
+    else:
+        w = K.window_response(source, fr)
     gain = np.minimum(w * (1.0 + _WIENER_EPS) / (w * w + _WIENER_EPS), _MAX_GAIN)
     out = fft.irfft2(fft.rfft2(den + 1000.0) * gain, s=hu.shape) - 1000.0  # air stays air
     return np.clip(out, -1024.0, 3071.0).astype(np.float32)

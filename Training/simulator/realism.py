@@ -109,7 +109,7 @@ def simulate_group(
     noise = {m.domain: [] for m in members}
     for k in idx:
         sq, shape = _square(ref.hu[k : k + 1])
-        obj = A.attenuation_map(sq[0], px, src)
+        obj = A.attenuation_map(sq[0], px, src, cals.get(src, px))
         # Same rng twice: signal alone, then signal + noise; their difference is the noise alone.
         clean = A.reconstruct_kernels(
             obj,

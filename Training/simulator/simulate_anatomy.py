@@ -114,7 +114,8 @@ def simulate_anatomy(
             src_px = float(vol.spacing[0])
             thick = float(vol.tags.get("SliceThickness") or vol.spacing[2] or 1.0)
             src_kernel = A.source_window(src)
-            objects = [A.attenuation_map(vol.hu[k], src_px, src_kernel) for k in range(n)]
+            src_cal = cals.get(src_kernel, src_px)  # deconvolve the MTF the simulator gives the source kernel
+            objects = [A.attenuation_map(vol.hu[k], src_px, src_kernel, src_cal) for k in range(n)]
             body = body_mask(vol.hu[n // 2])
             rr, cc = np.nonzero(body) if body.any() else (np.array([vol.hu.shape[1] / 2]),) * 2
             centre = (float(rr.mean()), float(cc.mean()))
