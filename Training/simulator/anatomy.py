@@ -45,8 +45,8 @@ __all__ = [
 # Photons (sum over views, per detector bin) of dose 1.0 at REFERENCE_THICKNESS_MM: the dose at which the
 # emulated Philips Brilliance 16 / B gives the real chest pair's soft-tissue high-pass noise (about 9 HU,
 # 5 mm, CTDIvol 10.6 mGy); measured by ``python -m Training.simulator_realism`` (matched dose 0.91 of a
-# first guess of 5.6e8).
-REFERENCE_PHOTONS = 5.1e8
+# first guess of 5.6e8, then 1.04 of 5.1e8 after the deconvolution used the simulated MTF).
+REFERENCE_PHOTONS = 5.3e8
 REFERENCE_THICKNESS_MM = 5.0
 _WIENER_EPS = 0.1
 _MAX_GAIN = 2.0

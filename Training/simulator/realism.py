@@ -27,7 +27,15 @@ from Training.simulator.catalogue import catalogue_kernel
 from Training.simulator.measure import NoiseFigures, highpass_noise_sd, measure_slices, soft_tissue_mask
 from Training.simulator.nps import plot_nps
 
-__all__ = ["RealSeries", "REAL_SERIES", "realism", "fit_pairs", "compare_group", "TABLE_COLUMNS"]
+__all__ = [
+    "RealSeries",
+    "REAL_SERIES",
+    "realism",
+    "fit_pairs",
+    "compare_group",
+    "example_figure",
+    "TABLE_COLUMNS",
+]
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,55 @@ def compare_group(members: Sequence[RealSeries], data: dict, out_dir: Path | Non
     return rows
 
 
+def example_figure(root: Path, path: Path, slice_index: int = 20) -> Path | None:
+    """PNG: a real Philips chest pair slice, the object made from its B member, and three emulations at
+    the pair's dose (150 x 150 px crop, lung window); None when the pair is not under ``root``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from TextureStarGANCore.fileio import atomic_output
+    from TextureStarGANCore.volume_io import read_volume
+    from Training.simulator.catalogue import select
+    from Training.simulator.simulate_anatomy import resample_object
+
+    b_dir, l_dir = (root / m.folder for m in REAL_SERIES[:2])
+    if not (b_dir.is_dir() and l_dir.is_dir()):
+        return None
+    vb, vl = read_volume(b_dir), read_volume(l_dir)
+    px = float(vb.spacing[0])
+    cals = A.CalibrationCache()
+    src = catalogue_kernel("PHILIPS_B")
+    obj = A.attenuation_map(vb.hu[slice_index], px, src, cals.get(src, px))
+    specs = select("PHILIPS_B,PHILIPS_L,SIEMENS_I30f_3")
+    size = obj.shape[0]
+    grid = resample_object(obj, px, ((size - 1) / 2.0, (size - 1) / 2.0), size, px, 0.0, 1.0)
+    sims = A.reconstruct_kernels(grid, px, specs, cals, A.photons(1.0, 5.0), np.random.default_rng(0))
+    panels = [("real B", vb.hu[slice_index]), ("real L", vl.hu[slice_index]), ("object (from real B)", obj)]
+    panels += [(f"simulated {name}", img) for name, img in sims.items()]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.3))
+    r0, c0 = 200, 190
+    for ax, (title, img) in zip(axes.ravel(), panels, strict=True):
+        ax.imshow(
+            img[r0 : r0 + 150, c0 : c0 + 150], cmap="gray", vmin=-1000, vmax=300, interpolation="nearest"
+        )
+        ax.set_title(title, fontsize=11)
+        ax.axis("off")
+    fig.suptitle(
+        "Philips Brilliance16 chest, one slice (150 x 150 px at 0.84 mm, window -1000..300 HU): real pair, "
+        "object, emulations at the pair's dose",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=60, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
 def fit_pairs(root: Path, count: int = 16) -> dict[str, list]:
     """Refit the paired kernels' windows on the first half of each pair's slices (``fit.fit_windows``)."""
     from TextureStarGANCore.volume_io import read_volume
@@ -241,7 +298,8 @@ def realism(
     slices: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """Write ``realism.csv``, ``realism.md``, ``realism.json`` and NPS PNGs into ``out``; returns the rows."""
+    """Write ``realism.csv``, ``realism.md``, ``realism.json``, NPS PNGs and ``anatomy_example.png`` into
+    ``out``; returns the rows."""
     root, out = Path(real_root), Path(out)
     if not root.is_dir():
         raise ValueError(f"real CT folder {root} not found")
@@ -266,4 +324,5 @@ def realism(
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     write_text_atomic(out / "realism.md", "\n".join(lines) + "\n")
+    example_figure(root, out / "anatomy_example.png")
     return rows
