@@ -19,7 +19,13 @@ from Training.data.prepare import prepare
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m Training.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dicom-root", required=True, type=Path, help="DICOM tree (patient / study / series)")
+    ap.add_argument(
+        "--dicom-root",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="DICOM tree(s) (patient / study / series); several mix e.g. simulated and real series",
+    )
     ap.add_argument(
         "--out", required=True, type=Path, help="dataset folder (new, or an earlier run to resume)"
     )

@@ -52,6 +52,7 @@ class SliceRow:
     slice_index: int
     array: str
     row: int
+    origin: str = "real"  # real / simulated (manifests written before the column: from dataset.json)
 
 
 def load_domains(root: str | Path) -> list[Domain]:
@@ -67,6 +68,14 @@ def load_domains(root: str | Path) -> list[Domain]:
     return sorted((Domain.from_dict(d) for d in entries), key=lambda d: d.id)
 
 
+def _default_origin(root: Path) -> str:
+    # Datasets written before the origin column came from one tree, simulated or not (dataset.json).
+    try:
+        return "simulated" if json.loads((root / "dataset.json").read_text()).get("simulated") else "real"
+    except (OSError, ValueError):
+        return "real"
+
+
 def _read_manifest(root: Path) -> list[SliceRow]:
     path = root / "manifest.csv"
     if not path.is_file():
@@ -79,6 +88,7 @@ def _read_manifest(root: Path) -> list[SliceRow]:
         missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
             raise DatasetError(f"{path} lacks column(s) {missing}; re-run Training.prepare")
+        default_origin = _default_origin(root)
         try:
             return [
                 SliceRow(
@@ -90,6 +100,7 @@ def _read_manifest(root: Path) -> list[SliceRow]:
                     int(r["slice_index"]),
                     r["array"],
                     int(r["row"]),
+                    r.get("origin") or default_origin,
                 )
                 for r in reader
             ]
@@ -115,6 +126,7 @@ class CTSliceDataset(Dataset):
         foreground_crops: bool = True,
         domains: Sequence[str | int] | None = None,
         seed: int | None = None,
+        origin: str | None = None,
     ) -> None:
         self.root = Path(root)
         rows = _read_manifest(self.root)
@@ -141,6 +153,10 @@ class CTSliceDataset(Dataset):
                     f"no slices of domains {list(domains)} in {self.root} "
                     f"(domains: {[d.name for d in self.domains]})"
                 )
+        if origin is not None:  # "real" or "simulated": e.g. keep real slices out of training
+            rows = [r for r in rows if r.origin == origin]
+            if not rows:
+                raise DatasetError(f"{self.root} has no {origin!r} slices in this selection")
         self.rows = rows
         size = self.spec.canvas_size
         if crop_size is not None and not 8 <= crop_size <= size:

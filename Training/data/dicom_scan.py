@@ -49,6 +49,7 @@ class SeriesRecord:
     gantry_tilt_deg: float = 0.0
     skip_reason: str = ""
     domain: str = ""
+    origin: str = "real"  # "simulated" for series written by this project's simulator
 
     @property
     def num_slices(self) -> int:
@@ -129,10 +130,19 @@ def _series_records(folder: Path, root: Path, fallback_patient: str) -> list[Ser
             pixel_spacing=(spacing[0], spacing[1]) if len(spacing) == 2 else (0.0, 0.0),
             slice_thickness=(_floats(ds, "SliceThickness") or [0.0])[0],
             gantry_tilt_deg=(_floats(ds, "GantryDetectorTilt") or [0.0])[0],
+            origin=origin_of(ds),
         )
         rec.skip_reason = _check(rec, ds, s.has_pixels)
         out.append(rec)
     return out
+
+
+def origin_of(ds) -> str:
+    """'simulated' for a series our simulator wrote (ImageComments, or the older InstitutionName mark)."""
+    simulated = "SIMULATED" in _text(ds, "ImageComments").upper() or _text(ds, "InstitutionName").startswith(
+        "Simulated ("
+    )
+    return "simulated" if simulated else "real"
 
 
 def scan_tree(root: str | Path, progress: Callable[[int, int], None] | None = None) -> list[SeriesRecord]:

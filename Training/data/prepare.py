@@ -52,6 +52,7 @@ MANIFEST_COLUMNS = (
     "source",
     "array",
     "row",
+    "origin",  # real / simulated; added in format 1 without a version change (readers default it)
 )
 _STATE = "prepare_settings.json"
 _CHUNK = 16  # slices per to_canvas call (bounded memory for long series)
@@ -350,8 +351,52 @@ def _check_paths(root: Path, out: Path, settings: dict) -> bool:
     return True
 
 
+def _scan_roots(roots: Sequence[Path], progress) -> tuple[Path, list[SeriesRecord]]:
+    """Scan each root and express every record relative to their common folder (one root for the rest)."""
+    common = Path(os.path.commonpath([str(r.resolve()) for r in roots]))
+    records = []
+    for root in roots:
+        for rec in scan_tree(root, progress=progress):
+            rebase = os.path.relpath(root.resolve(), common)
+            rec.folder = os.path.normpath(os.path.join(rebase, rec.folder))
+            rec.files = [os.path.normpath(os.path.join(rebase, f)) for f in rec.files]
+            records.append(rec)
+    records.sort(key=lambda r: (r.patient, r.study_uid, r.series_uid))
+    return common, records
+
+
+def _write_readme(out: Path, roots: Sequence[Path], common: Path, used: Sequence[SeriesRecord]) -> None:
+    """README.md of the dataset: what it holds, real vs simulated, and the sources' licences / attribution."""
+    from Training.data.licences import attribution_section, licence_files
+
+    n_real = sum(1 for s in used if s.origin == "real")
+    lines = [
+        "# CT kernel dataset (written by Training.prepare)",
+        "",
+        f"Sources: {', '.join(str(r) for r in roots)}. Series: {len(used)} ({n_real} real, "
+        f"{len(used) - n_real} simulated); manifest.csv's `origin` column tells them apart.",
+        "",
+        "## Licences and attribution of the source data",
+        "",
+        "Data under CC BY must be attributed wherever this dataset or a model trained on it is described.",
+        "",
+    ]
+    files = []
+    for s in used:
+        folder = common / s.folder
+        root = next(
+            (r for r in roots if r.resolve() in (folder.resolve(), *folder.resolve().parents)), common
+        )
+        files += licence_files(folder, root)
+    lines += attribution_section(files) or [
+        "No licence or README file was found beside the source series.",
+        "",
+    ]
+    write_text_atomic(out / "README.md", "\n".join(lines) + "\n")
+
+
 def prepare(
-    dicom_root: str | Path,
+    dicom_root: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     min_patients: int = 1,
@@ -369,7 +414,10 @@ def prepare(
     """
     from TextureStarGANCore import __version__
 
-    root, out = Path(dicom_root), Path(out)
+    roots = [Path(dicom_root)] if isinstance(dicom_root, str | Path) else [Path(r) for r in dicom_root]
+    if not roots:
+        raise InputError("give at least one --dicom-root")
+    out = Path(out)
     spec = spec or PreprocessSpec()
     if not 0.0 <= test_fraction < 1.0:
         raise InputError(f"--test-fraction must be in [0, 1), got {test_fraction}")
@@ -379,15 +427,15 @@ def prepare(
         raise InputError(f"--workers must be at least 1, got {workers}")
     settings = {
         "format_version": FORMAT_VERSION,
-        "dicom_root": str(root.resolve()),
+        "dicom_root": str(roots[0].resolve()) if len(roots) == 1 else [str(r.resolve()) for r in roots],
         "seed": seed,
         "test_fraction": test_fraction,
         "min_patients": min_patients,
         "preprocessing": spec.to_dict(),
     }
-    resuming = _check_paths(root, out, settings)
+    resuming = any([_check_paths(r, out, settings) for r in roots])
     started = time.time()
-    records = scan_tree(root, progress=(lambda d, t: progress("scan", d, t)) if progress else None)
+    root, records = _scan_roots(roots, (lambda d, t: progress("scan", d, t)) if progress else None)
     groups = group_domains(records, min_patients=min_patients)
     included = [g for g in groups if g.included]
     if not included:
@@ -468,6 +516,7 @@ def prepare(
                         "source": info["sources"][k],
                         "array": info["array"],
                         "row": k,
+                        "origin": s.origin,
                     }
                 )
     if not rows:
@@ -497,6 +546,7 @@ def prepare(
         if s.series_uid in errors
     ]
     domain_rows = _domain_rows(groups, split, done)
+    _write_readme(out, roots, root, [s for s in series if s.series_uid in done])
     _write_reports(out, domain_rows, skipped, root)
     counts = {
         r["domain"]: {
@@ -519,13 +569,15 @@ def prepare(
     }
     write_text_atomic(out / "domains.json", json.dumps(domains_json, indent=2))
     write_text_atomic(out / "preprocessing.json", json.dumps(spec.to_dict(), indent=2))
-    sim_file = root / "simulation.json"
-    simulation = json.loads(sim_file.read_text()) if sim_file.is_file() else None
+    sims = [r / "simulation.json" for r in roots if (r / "simulation.json").is_file()]
+    simulation = json.loads(sims[0].read_text()) if sims else None
     patients = sorted({r["patient"] for r in rows})
     dataset = {
         "format_version": FORMAT_VERSION,
         "source_root": str(root.resolve()),
+        "source_roots": [str(r.resolve()) for r in roots],
         "simulated": simulation is not None,
+        "origins": {o: sum(1 for r in rows if r["origin"] == o) for o in ("real", "simulated")},
         "simulation": (
             {k: simulation.get(k) for k in ("simulator_version", "path", "settings")} if simulation else None
         ),

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_KERNELS",
     "kernel_by_name",
     "window_response",
+    "iterative_noise_response",
     "fbp_filter",
     "hu_to_mu",
     "mu_to_hu",
@@ -45,6 +46,9 @@ __all__ = [
     "variance_map",
     "variance_map_coarse",
     "resample_centered",
+    "radial_filters",
+    "scan_circle_mask",
+    "pad_outside",
 ]
 
 
@@ -54,7 +58,12 @@ class KernelSpec:
 
     ``window`` is the apodisation of the ramp filter: ("gaussian", a) -> exp(-(f/a)^2);
     ("hann", fc) -> 0.5 (1 + cos(pi f / fc)) below fc; ("boost", a, beta, f0) -> (1 + beta (f/f0)^2)
-    exp(-(f/a)^6), an edge-enhancing bone kernel. f in cycles/mm.
+    exp(-(f/a)^6), an edge-enhancing bone kernel; ("shaped", a, beta, n) -> (1 + beta (f/a)^2)
+    exp(-(f/a)^n), the family fitted to real kernels. f in cycles/mm.
+
+    ``iterative`` models an iterative reconstruction's effect on noise as ("ir", r, fc): the noise (not
+    the signal) passes a low-pass blend G(f) = 1 - s (1 - exp(-(f/fc)^2)), with s chosen at calibration so
+    the noise SD falls by the fraction r; this lowers the noise and shifts the NPS to lower frequencies.
     """
 
     name: str
@@ -69,10 +78,12 @@ class KernelSpec:
     tube_current_ma: int = 200
     exposure_mas: int = 150
     slice_thickness_mm: float = 2.5
+    iterative: tuple = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["window"] = list(self.window)
+        d["iterative"] = list(self.iterative)
         return d
 
     def pixel_mm(self, size: int) -> float:
@@ -146,7 +157,37 @@ def window_response(spec: KernelSpec, f_mm: np.ndarray) -> np.ndarray:
     if kind == "boost":
         a, beta, f0 = spec.window[1:]
         return (1.0 + beta * (f / f0) ** 2) * np.exp(-((f / a) ** 6))
-    raise ValueError(f"kernel {spec.name}: unknown window type {kind!r} (use gaussian, hann or boost)")
+    if kind == "shaped":
+        a, beta, n = spec.window[1:]
+        return (1.0 + beta * (f / a) ** 2) * np.exp(-((f / a) ** n))
+    raise ValueError(
+        f"kernel {spec.name}: unknown window type {kind!r} (use gaussian, hann, boost or shaped)"
+    )
+
+
+def iterative_noise_response(spec: KernelSpec, f_mm: np.ndarray, strength: float) -> np.ndarray:
+    """Noise transfer G(f) of the kernel's iterative-reconstruction model (1 for plain FBP)."""
+    if not spec.iterative:
+        return np.ones_like(np.asarray(f_mm, dtype=np.float64))
+    fc = spec.iterative[2]
+    return 1.0 - strength * (1.0 - np.exp(-((np.asarray(f_mm, dtype=np.float64) / fc) ** 2)))
+
+
+def _ir_strength(spec: KernelSpec, nps2d: np.ndarray, fr: np.ndarray) -> float:
+    """Blend s giving the noise-SD reduction r: var ratio = 1 - 2 s a + s^2 b is quadratic in s."""
+    r = spec.iterative[1]
+    d = 1.0 - np.exp(-((fr / spec.iterative[2]) ** 2))
+    total = float(nps2d.sum())
+    a, b = float((nps2d * d).sum()) / total, float((nps2d * d * d).sum()) / total
+    target = (1.0 - r) ** 2
+    disc = a * a - b * (1.0 - target)
+    if disc < 0:  # unreachable reduction: the strongest blend
+        return 1.0
+    return float(min(1.0, (a - math.sqrt(disc)) / b))
+
+
+def _filter_image(img: np.ndarray, response2d: np.ndarray) -> np.ndarray:
+    return np.real(np.fft.ifft2(np.fft.fft2(img) * response2d))
 
 
 def _padded_length(n_det: int) -> int:
@@ -182,7 +223,7 @@ def _angles(n_angles: int) -> np.ndarray:
     return np.linspace(0.0, 180.0, n_angles, endpoint=False)
 
 
-def _circle(size: int) -> np.ndarray:
+def scan_circle_mask(size: int) -> np.ndarray:
     # The reconstruction circle exactly as scikit-image's radon/iradon define it (circle=True).
     c, r = size // 2, size // 2
     yy, xx = np.ogrid[:size, :size]
@@ -191,7 +232,8 @@ def _circle(size: int) -> np.ndarray:
 
 def project(mu: np.ndarray, pixel_mm: float, n_angles: int) -> np.ndarray:
     """Line integrals (dimensionless, sinogram (n_det, n_angles)) of an attenuation image in 1/mm."""
-    img = np.where(_circle(mu.shape[0]), mu, 0.0)  # the scan circle: radon(circle=True) needs zeros outside
+    # The scan circle: radon(circle=True) needs zeros outside.
+    img = np.where(scan_circle_mask(mu.shape[0]), mu, 0.0)
     return radon(img, _angles(n_angles), circle=True) * pixel_mm
 
 
@@ -233,12 +275,18 @@ def reconstruct_fbp(
     sino = project(hu_to_mu(hu), pixel, n_angles)
     noisy = add_poisson_noise(sino, photons_per_view(spec, calibration, n_angles), rng)
     out = mu_to_hu(filtered_backprojection(noisy, spec, pixel))
-    return _pad_outside(out, spec)
+    if spec.iterative:  # the IR model filters the noise only: FBP is linear, noise = noisy - noiseless
+        clean = mu_to_hu(filtered_backprojection(sino, spec, pixel))
+        f = np.fft.fftfreq(size) / pixel
+        fr = np.sqrt(f[None, :] ** 2 + f[:, None] ** 2)
+        g = iterative_noise_response(spec, fr, calibration.ir_strength)
+        out = (clean + _filter_image(out - clean, g)).astype(np.float32)
+    return pad_outside(out, spec)
 
 
-def _pad_outside(hu: np.ndarray, spec: KernelSpec) -> np.ndarray:
+def pad_outside(hu: np.ndarray, spec: KernelSpec) -> np.ndarray:
     if spec.padding_hu is not None:
-        hu = np.where(_circle(hu.shape[-1]), hu, np.float32(spec.padding_hu)).astype(np.float32)
+        hu = np.where(scan_circle_mask(hu.shape[-1]), hu, np.float32(spec.padding_hu)).astype(np.float32)
     return hu
 
 
@@ -265,6 +313,7 @@ class Calibration:
     # noise filter, so power beyond the radial Nyquist (the corners, large for sharp kernels) is kept.
     nps2d: np.ndarray | None = None
     freq2d: np.ndarray | None = None
+    ir_strength: float = 0.0  # blend s of the iterative-reconstruction noise model (0: plain FBP)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -275,6 +324,7 @@ class Calibration:
             "cylinder_diameter_mm": self.diameter_mm,
             "sd_full_hu": self.sd_full,
             "sd_fast_hu": self.sd_fast,
+            "ir_strength": self.ir_strength,
         }
 
 
@@ -320,7 +370,7 @@ def variance_map_coarse(mu: np.ndarray, pixel_mm: float, coarse: int = 64) -> tu
     p = project(small, cpx, n_angles)
     # Unfiltered back-projection = (pi / (2 n_angles)) * sum over views; rescale to the mean.
     back = iradon(np.exp(p), _angles(n_angles), output_size=coarse, filter_name=None, circle=True)
-    mean = np.where(_circle(coarse), back * (2.0 / np.pi), 1.0)
+    mean = np.where(scan_circle_mask(coarse), back * (2.0 / np.pi), 1.0)
     return np.maximum(mean, 1.0), cpx
 
 
@@ -330,7 +380,7 @@ def variance_map(mu: np.ndarray, pixel_mm: float) -> np.ndarray:
     return np.maximum(resample_centered(coarse, cpx, mu.shape[0], pixel_mm), 1.0)
 
 
-def _radial_filters(cal: Calibration, size: int) -> tuple[np.ndarray, np.ndarray]:
+def radial_filters(cal: Calibration, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(MTF, sqrt of the unit-variance NPS shape) on the rfft2 grid of a size x size image; cached."""
     key = ("filters", size)
     if key not in cal.cache:
@@ -374,9 +424,9 @@ def reconstruct_fast(
     from scipy import fft
 
     size = hu.shape[0]
-    circle = _circle(size)
+    circle = scan_circle_mask(size)
     mu = np.where(circle, hu_to_mu(hu), 0.0).astype(np.float32)
-    mtf, noise_filter = _radial_filters(calibration, size)
+    mtf, noise_filter = radial_filters(calibration, size)
     blurred = fft.irfft2(fft.rfft2(mu) * mtf, s=mu.shape)
     white = rng.standard_normal((size, size), dtype=np.float32)
     colored = fft.irfft2(fft.rfft2(white) * noise_filter, s=white.shape)
@@ -384,7 +434,7 @@ def reconstruct_fast(
         variance = variance_map(mu, spec.pixel_mm(size))
     noise = colored * np.sqrt(calibration.noise_gain * variance / photons_per_view(spec, calibration, 1))
     out = np.where(circle, mu_to_hu(blurred) + noise, -1000.0).astype(np.float32)
-    out = _pad_outside(out, spec)
+    out = pad_outside(out, spec)
     return (out, noise.astype(np.float32)) if return_noise else out
 
 
@@ -458,15 +508,21 @@ def calibrate(
         for dr, dc in ((0, 0), (-off, -off), (-off, off), (off, -off), (off, off))
     ]
     c0 = size // 2 - roi // 2
-    noise_rois, full_var = [], []
+    noise_imgs = []
     for _ in range(realizations):
         noise_sino = rng.standard_normal(sino.shape) * np.sqrt(expected_var)
-        noise_img = mu_to_hu(filtered_backprojection(noise_sino, spec, pixel_mm) + MU_WATER)
-        noise_rois.append(nps_rois(noise_img, centers, roi))
-        full_var.append(float(noise_img[c0 : c0 + roi, c0 : c0 + roi].var()))
+        noise_imgs.append(mu_to_hu(filtered_backprojection(noise_sino, spec, pixel_mm) + MU_WATER))
         done += 1
         if progress:
             progress(done, steps)
+    ir_strength = 0.0
+    if spec.iterative:
+        base2d, f2d = nps_2d(np.concatenate([nps_rois(n, centers, roi) for n in noise_imgs]), pixel_mm)
+        ir_strength = _ir_strength(spec, base2d, np.sqrt(f2d[None, :] ** 2 + f2d[:, None] ** 2))
+        g = iterative_noise_response(spec, fr, ir_strength)
+        noise_imgs = [_filter_image(n, g) for n in noise_imgs]
+    noise_rois = [nps_rois(n, centers, roi) for n in noise_imgs]
+    full_var = [float(n[c0 : c0 + roi, c0 : c0 + roi].var()) for n in noise_imgs]
     # Ring bins as wide as the ROI's frequency step (narrower rings would be empty).
     freq, nps_full = radial_nps(np.concatenate(noise_rois), pixel_mm, bins=roi // 2)
     centre_mean_exp = math.exp(MU_WATER * diameter)
@@ -485,12 +541,13 @@ def calibrate(
         diameter_mm=diameter,
         nps2d=_symmetrize(nps2d),
         freq2d=freq2d,
+        ir_strength=ir_strength,
     )
     # Check the fast path on the same cylinder and measure its NPS the same way.
     fast_rois, fast_var = [], []
     for _ in range(realizations):
         white = rng.standard_normal((size, size))
-        colored = np.fft.irfft2(np.fft.rfft2(white) * _radial_filters(cal, size)[1], s=white.shape)
+        colored = np.fft.irfft2(np.fft.rfft2(white) * radial_filters(cal, size)[1], s=white.shape)
         noise = colored * np.sqrt(gain * variance_map(water, pixel_mm) / total)
         fast_rois.append(nps_rois(noise, centers, roi))
         fast_var.append(float(noise[c0 : c0 + roi, c0 : c0 + roi].var()))

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from Training.simulator import kernels as K
+from Training.simulator.measure import smoothed_peak
 from Training.simulator.nps import NPSResult, plot_nps, write_nps_csv
 from Training.simulator.phantom import ChestPhantom, random_params
 
@@ -77,8 +78,18 @@ def write_ct_series(
     description: str,
     uid_seed: Sequence[object],
     study_date: str = "20260101",
+    slice_thickness_mm: float | None = None,
+    study_description: str = "SIMULATED CHEST",
+    body_part: str = "CHEST",
+    institution: str = "Simulated (ct-harmonization phantom)",
+    first_instance: int = 0,
 ) -> None:
-    """Write (N, R, C) HU slices as a new single-frame CT Image Storage series (int16, intercept -1024)."""
+    """Write (N, R, C) HU slices as a new single-frame CT Image Storage series (int16, intercept -1024).
+
+    Tags: the emulated Manufacturer / ManufacturerModelName / ConvolutionKernel (multi-valued when the
+    kernel has a strength, e.g. Siemens "I30f\\3"), ReconstructionDiameter = matrix x pixel, and
+    ImageComments "SIMULATED" (with InstitutionName, how ``prepare`` tells simulated from real series).
+    ``first_instance``: index of the first slice, to write a long series in chunks."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
@@ -88,7 +99,8 @@ def write_ct_series(
     x0 = -(cols - 1) / 2.0 * pixel_mm
     y0 = -(rows - 1) / 2.0 * pixel_mm
     for k in range(n):
-        sop_uid = _uid(*uid_seed, "sop", k)
+        g = first_instance + k  # the slice's index in the whole series
+        sop_uid = _uid(*uid_seed, "sop", g)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
         meta.MediaStorageSOPInstanceUID = sop_uid
@@ -105,31 +117,32 @@ def write_ct_series(
         ds.AccessionNumber = ""
         ds.Modality = "CT"
         ds.Manufacturer = spec.manufacturer
-        ds.InstitutionName = "Simulated (ct-harmonization phantom)"
+        ds.InstitutionName = institution
+        ds.ImageComments = "SIMULATED by the ct-harmonization kernel simulator"
         ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "SIMULATED CHEST"
+        ds.StudyDescription = study_description
         ds.SeriesDescription = description
         ds.ManufacturerModelName = spec.scanner_model
         ds.PatientName = f"SIM^{patient_id}"
         ds.PatientID = patient_id
         ds.PatientBirthDate = ""
         ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{spec.slice_thickness_mm:g}"
+        ds.BodyPartExamined = body_part
+        ds.SliceThickness = f"{slice_thickness_mm or spec.slice_thickness_mm:g}"
         ds.KVP = f"{spec.kvp:g}"
         ds.DataCollectionDiameter = "500"
-        ds.ReconstructionDiameter = f"{spec.fov_mm:g}"
+        ds.ReconstructionDiameter = f"{cols * pixel_mm:.1f}"
         ds.GantryDetectorTilt = "0"
         ds.XRayTubeCurrent = spec.tube_current_ma
         ds.Exposure = spec.exposure_mas
-        ds.ConvolutionKernel = spec.kernel
+        ds.ConvolutionKernel = spec.kernel.split("\\") if "\\" in spec.kernel else spec.kernel
         ds.PatientPosition = "HFS"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.StudyID = "1"
         ds.SeriesNumber = series_number
         ds.AcquisitionNumber = 1
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = g + 1
         ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{float(z_mm[k]):.4f}"]
         ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         ds.FrameOfReferenceUID = frame_uid
@@ -152,13 +165,7 @@ def write_ct_series(
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
-        ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
-
-
-def _smoothed_peak(freq: np.ndarray, nps: np.ndarray) -> float:
-    # A 3-bin moving average keeps one noisy ring from deciding the peak.
-    sm = np.convolve(nps, np.ones(3) / 3.0, mode="same")
-    return float(freq[int(np.argmax(sm))])
+        ds.save_as(folder / f"IM{g + 1:04d}.dcm", enforce_file_format=True)
 
 
 def _write_calibration(
@@ -201,8 +208,8 @@ def _write_calibration(
                 "scanner": f"{spec.manufacturer} {spec.scanner_model}",
                 "kernel": spec.kernel,
                 "pixel_mm": round(cal.pixel_mm, 4),
-                "nps_peak_full_per_mm": round(_smoothed_peak(cal.freq, full), 3),
-                "nps_peak_fast_per_mm": round(_smoothed_peak(cal.freq, fast), 3),
+                "nps_peak_full_per_mm": round(smoothed_peak(cal.freq, full), 3),
+                "nps_peak_fast_per_mm": round(smoothed_peak(cal.freq, fast), 3),
                 "nps_mean_freq_full_per_mm": round(res_full.mean_freq, 3),
                 "nps_mean_freq_fast_per_mm": round(NPSResult(cal.freq, fast, 0.0).mean_freq, 3),
                 "noise_sd_water250_full_hu": round(spec.noise_sd_water_hu, 2),
@@ -341,7 +348,7 @@ def simulate(
                         vmap = np.maximum(K.resample_centered(coarse, cpx, size, px), 1.0)
                         recon[s] = K.reconstruct_fast(hu, spec, cals[spec.name], srng, variance=vmap)
                 series_uid = _uid(seed, pid, spec.name, "series")
-                folder_name = f"{k_idx + 1:02d}_{spec.kernel.replace('/', '_')}"
+                folder_name = f"{k_idx + 1:02d}_{spec.kernel.replace('/', '_').replace(chr(92), '_')}"
                 write_ct_series(
                     tmp / pid / folder_name,
                     recon,

@@ -45,6 +45,7 @@ class DataSection:
     train_split: str = "train"
     val_split: str = "test"
     num_workers: int = 0
+    origin: str | None = None  # "real" / "simulated": train on one kind only (manifest origin); None: both
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise ConfigError(f"config: {where} must be >= 0, got {v}")
         if (section, key) in _UNIT_INTERVAL and not 0.0 <= v < 1.0:
             raise ConfigError(f"config: {where} must be in [0, 1), got {v}")
+    if cfg.data.origin not in (None, "real", "simulated"):
+        raise ConfigError(f"config: data.origin must be real, simulated or null, got {cfg.data.origin!r}")
     bad = sorted(set(cfg.log.eval_metrics) - _EVAL_METRICS)
     if bad:
         raise ConfigError(

@@ -132,7 +132,7 @@ def open_dataset(root: str | Path, cfg: TrainConfig, ctx: DistContext) -> Opened
     root = Path(root)
     size = cfg.model.img_size
     try:
-        ds = CTSliceDataset(root, cfg.data.train_split)
+        ds = CTSliceDataset(root, cfg.data.train_split, origin=cfg.data.origin)
     except DatasetError as exc:
         raise DataError(str(exc)) from None
     if size > ds.spec.canvas_size:

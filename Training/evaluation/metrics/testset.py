@@ -70,10 +70,13 @@ def _subsample(indices: list[int], n: int | None) -> list[int]:
     return [indices[i] for i in pick]
 
 
-def load_test_set(root: str | Path, max_slices_per_domain: int | None = None, split: str = "test") -> TestSet:
+def load_test_set(
+    root: str | Path, max_slices_per_domain: int | None = None, split: str = "test", origin: str | None = None
+) -> TestSet:
     """Read a prepared dataset's ``split``; ``max_slices_per_domain`` picks evenly spaced slices (in
-    patient / slice order) per domain. Raises ``Training.data.dataset.DatasetError`` (a ValueError)."""
-    ds = CTSliceDataset(root, split)
+    patient / slice order) per domain; ``origin`` ("real" / "simulated") keeps one kind of series only.
+    Raises ``Training.data.dataset.DatasetError`` (a ValueError)."""
+    ds = CTSliceDataset(root, split, origin=origin)
     per: dict[str, list[int]] = {}
     order = sorted(range(len(ds.rows)), key=lambda i: (ds.rows[i].patient, ds.rows[i].slice_index, i))
     for i in order:
