@@ -412,27 +412,10 @@ def prepare(
     ``progress(stage, done, total)`` with stage 'scan' or 'preprocess'. Raises InputError for bad
     arguments or a tree without usable CT series (nothing written), PrepareCancelled on cancel.
     """
-    from TextureStarGANCore import __version__
-
     roots = [Path(dicom_root)] if isinstance(dicom_root, str | Path) else [Path(r) for r in dicom_root]
-    if not roots:
-        raise InputError("give at least one --dicom-root")
     out = Path(out)
     spec = spec or PreprocessSpec()
-    if not 0.0 <= test_fraction < 1.0:
-        raise InputError(f"--test-fraction must be in [0, 1), got {test_fraction}")
-    if min_patients < 1:
-        raise InputError(f"--min-patients must be at least 1, got {min_patients}")
-    if workers < 1:
-        raise InputError(f"--workers must be at least 1, got {workers}")
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "dicom_root": str(roots[0].resolve()) if len(roots) == 1 else [str(r.resolve()) for r in roots],
-        "seed": seed,
-        "test_fraction": test_fraction,
-        "min_patients": min_patients,
-        "preprocessing": spec.to_dict(),
-    }
+    settings = _settings(roots, spec, min_patients, workers, seed, test_fraction)
     resuming = any([_check_paths(r, out, settings) for r in roots])
     started = time.time()
     root, records = _scan_roots(roots, (lambda d, t: progress("scan", d, t)) if progress else None)
@@ -446,34 +429,86 @@ def prepare(
         )
     split = split_patients(groups, test_fraction, seed)
     out.mkdir(exist_ok=True)
-    arrays = out / "arrays"
-    arrays.mkdir(exist_ok=True)
+    (out / "arrays").mkdir(exist_ok=True)
     if not resuming:
         write_text_atomic(out / _STATE, json.dumps(settings, indent=2))
-
-    # Anchors (first series of each patient + frame of reference) fix the canvas centre for the others.
     series = sorted(
         (s for g in included for s in g.series), key=lambda s: (s.patient, s.frame_uid, s.series_uid)
     )
+    done, errors = _preprocess_all(series, root, out / "arrays", spec, workers, progress, cancel)
+    rows = _manifest_rows(included, done, split)
+    if not rows:
+        raise InputError(
+            f"none of the {len(series)} usable series under {root} could be read; see the errors: "
+            + "; ".join(list(errors.values())[:3])
+        )
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out / "manifest.csv", buf.getvalue())
+    skipped = [
+        {"patient": r.patient, "folder": r.folder, "series_uid": r.series_uid, "reason": r.skip_reason}
+        for r in records
+        if r.skip_reason
+    ] + [
+        {"patient": s.patient, "folder": s.folder, "series_uid": s.series_uid,
+         "reason": f"read error: {errors[s.series_uid]}"}
+        for s in series
+        if s.series_uid in errors
+    ]
+    domain_rows = _domain_rows(groups, split, done)
+    _write_readme(out, roots, root, [s for s in series if s.series_uid in done])
+    _write_reports(out, domain_rows, skipped, root)
+    _write_domains(out, groups, domain_rows)
+    write_text_atomic(out / "preprocessing.json", json.dumps(spec.to_dict(), indent=2))
+    dataset = _dataset_record(roots, root, rows, done, split, skipped, seed, test_fraction, started)
+    write_text_atomic(out / "dataset.json", json.dumps(dataset, indent=2))
+    return dataset
+
+
+def _settings(
+    roots: list[Path], spec: PreprocessSpec, min_patients: int, workers: int, seed: int, test_fraction: float
+) -> dict:
+    """Check the arguments; the settings a resumed run must share (written to the state file)."""
+    if not roots:
+        raise InputError("give at least one --dicom-root")
+    if not 0.0 <= test_fraction < 1.0:
+        raise InputError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if min_patients < 1:
+        raise InputError(f"--min-patients must be at least 1, got {min_patients}")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "dicom_root": str(roots[0].resolve()) if len(roots) == 1 else [str(r.resolve()) for r in roots],
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "min_patients": min_patients,
+        "preprocessing": spec.to_dict(),
+    }
+
+
+def _preprocess_all(
+    series: list[SeriesRecord], root: Path, arrays: Path, spec: PreprocessSpec, workers: int,
+    progress: Callable[[str, int, int], None] | None, cancel: threading.Event | None,
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Canvases of every series: (sidecar per done series, error per failed series).
+
+    Anchors (the first series of each patient + frame of reference) run first: their canvas centre is
+    then reused by the other series of the same frame, so paired series stay pixel-aligned.
+    """
     anchors: dict[tuple[str, str], SeriesRecord] = {}
     for s in series:
         if s.frame_uid:
             anchors.setdefault((s.patient, s.frame_uid), s)
 
     def task(s: SeriesRecord, centre=None) -> dict:
-        return {
-            "root": str(root),
-            "arrays": str(arrays),
-            "spec": spec.to_dict(),
-            "series_uid": s.series_uid,
-            "files": s.files,
-            "folder": s.folder,
-            "centre_mm": centre,
-        }
+        return {"root": str(root), "arrays": str(arrays), "spec": spec.to_dict(),
+                "series_uid": s.series_uid, "files": s.files, "folder": s.folder, "centre_mm": centre}
 
     done: dict[str, dict] = {}
     errors: dict[str, str] = {}
-    total = len(series)
 
     def on_result(res: dict) -> None:
         if "error" in res:
@@ -481,12 +516,12 @@ def prepare(
         else:
             done[res["series_uid"]] = res
         if progress:
-            progress("preprocess", len(done) + len(errors), total)
+            progress("preprocess", len(done) + len(errors), len(series))
 
     first = [s for s in series if not s.frame_uid or anchors.get((s.patient, s.frame_uid)) is s]
+    first_uids = {s.series_uid for s in first}
     with _worker_pool(workers) as pool:
         _run_tasks([task(s) for s in first], pool, on_result, cancel)
-        first_uids = {s.series_uid for s in first}
         rest = []
         for s in series:
             if s.series_uid in first_uids:
@@ -495,8 +530,13 @@ def prepare(
             centre = done[anchor.series_uid]["centre_mm"] if anchor.series_uid in done else None
             rest.append(task(s, centre))
         _run_tasks(rest, pool, on_result, cancel)
+    return done, errors
 
-    # Manifest: one row per slice, ordered by domain, patient, series, slice.
+
+def _manifest_rows(
+    included: Sequence[DomainGroup], done: dict[str, dict], split: dict[str, str]
+) -> list[dict]:
+    """One row per slice, ordered by domain, patient, series, slice."""
     rows = []
     for g in included:
         for s in g.series:
@@ -519,60 +559,34 @@ def prepare(
                         "origin": s.origin,
                     }
                 )
-    if not rows:
-        raise InputError(
-            f"none of the {total} usable series under {root} could be read; see the errors: "
-            + "; ".join(list(errors.values())[:3])
-        )
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(out / "manifest.csv", buf.getvalue())
+    return rows
 
-    skipped = [
-        {"patient": r.patient, "folder": r.folder, "series_uid": r.series_uid, "reason": r.skip_reason}
-        for r in records
-        if r.skip_reason
-    ]
-    skipped += [
-        {
-            "patient": s.patient,
-            "folder": s.folder,
-            "series_uid": s.series_uid,
-            "reason": f"read error: {errors[s.series_uid]}",
-        }
-        for s in series
-        if s.series_uid in errors
-    ]
-    domain_rows = _domain_rows(groups, split, done)
-    _write_readme(out, roots, root, [s for s in series if s.series_uid in done])
-    _write_reports(out, domain_rows, skipped, root)
-    counts = {
-        r["domain"]: {
-            k: r[k]
-            for k in (
-                "patients",
-                "series",
-                "slices",
-                "train_patients",
-                "test_patients",
-                "train_slices",
-                "test_slices",
-            )
-        }
-        for r in domain_rows
-    }
+
+_COUNT_KEYS = (
+    "patients", "series", "slices", "train_patients", "test_patients", "train_slices", "test_slices"
+)
+
+
+def _write_domains(out: Path, groups: Sequence[DomainGroup], domain_rows: list[dict]) -> None:
+    counts = {r["domain"]: {k: r[k] for k in _COUNT_KEYS} for r in domain_rows}
     domains_json = {
-        "domains": [{**g.domain.to_dict(), "counts": counts[g.domain.name]} for g in included],
+        "domains": [{**g.domain.to_dict(), "counts": counts[g.domain.name]} for g in groups if g.included],
         "excluded": [{"name": g.domain.name, "note": g.note} for g in groups if not g.included],
     }
     write_text_atomic(out / "domains.json", json.dumps(domains_json, indent=2))
-    write_text_atomic(out / "preprocessing.json", json.dumps(spec.to_dict(), indent=2))
+
+
+def _dataset_record(
+    roots: list[Path], root: Path, rows: list[dict], done: dict[str, dict], split: dict[str, str],
+    skipped: list[dict], seed: int, test_fraction: float, started: float,
+) -> dict:
+    """dataset.json: provenance, split, counts."""
+    from TextureStarGANCore import __version__
+
     sims = [r / "simulation.json" for r in roots if (r / "simulation.json").is_file()]
     simulation = json.loads(sims[0].read_text()) if sims else None
     patients = sorted({r["patient"] for r in rows})
-    dataset = {
+    return {
         "format_version": FORMAT_VERSION,
         "source_root": str(root.resolve()),
         "source_roots": [str(r.resolve()) for r in roots],
@@ -598,5 +612,3 @@ def prepare(
         "notes": "slices stay slices (in-plane resampling to the canvas pixel spacing only); paired slices "
         "(simulated data) share patient and slice_index",
     }
-    write_text_atomic(out / "dataset.json", json.dumps(dataset, indent=2))
-    return dataset
