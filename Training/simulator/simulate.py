@@ -290,7 +290,7 @@ def simulate(
     seed never used for training). Raises ValueError on bad arguments (nothing written) and
     SimulationCancelled when ``cancel`` is set (the partial output is removed).
     """
-    from TextureStarGANCore.volume_io import atomic_output
+    from TextureStarGANCore.fileio import atomic_output
 
     out = Path(out)
     _validate(out, patients, slices, size, n_angles)
@@ -323,61 +323,12 @@ def simulate(
         common_px = min(s.pixel_mm(size) for s in specs)
         common_n = int(math.ceil(max(s.fov_mm for s in specs) / common_px))
         z = (np.arange(slices) - (slices - 1) / 2.0) * slice_spacing_mm
-        patient_records = []
-        for p_idx in range(patient_offset, patient_offset + patients):
-            pid = f"SIM{seed:03d}-{p_idx:04d}"
-            rng = np.random.default_rng([seed, p_idx, 0])
-            z_table = float(rng.uniform(-300.0, -100.0))  # table position: z varies between patients
-            params = random_params(rng, (float(z[0]), float(z[-1])))
-            truth = ChestPhantom(params, z).slices(common_n, common_px)
-            # Noise variance map per slice is anatomy-only (same rays whatever the kernel).
-            var_coarse = [K.variance_map_coarse(K.hu_to_mu(s), common_px) for s in truth]
-            study_uid = _uid(seed, pid, "study")
-            frame_uid = _uid(seed, pid, "frame")
-            series = []
-            for k_idx, spec in enumerate(specs):
-                px = spec.pixel_mm(size)
-                srng = np.random.default_rng([seed, p_idx, 1 + k_idx])
-                recon = np.empty((slices, size, size), dtype=np.float32)
-                for s in range(slices):
-                    hu = K.resample_centered(truth[s], common_px, size, px)
-                    if full_fbp:
-                        recon[s] = K.reconstruct_fbp(hu, spec, cals[spec.name], srng, n_angles=n_angles)
-                    else:
-                        coarse, cpx = var_coarse[s]
-                        vmap = np.maximum(K.resample_centered(coarse, cpx, size, px), 1.0)
-                        recon[s] = K.reconstruct_fast(hu, spec, cals[spec.name], srng, variance=vmap)
-                series_uid = _uid(seed, pid, spec.name, "series")
-                folder_name = f"{k_idx + 1:02d}_{spec.kernel.replace('/', '_').replace(chr(92), '_')}"
-                write_ct_series(
-                    tmp / pid / folder_name,
-                    recon,
-                    pixel_mm=px,
-                    z_mm=z + z_table,
-                    spec=spec,
-                    patient_id=pid,
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    frame_uid=frame_uid,
-                    series_number=k_idx + 1,
-                    description=f"SIM CHEST {spec.kernel} {'FBP' if full_fbp else 'FAST'}",
-                    uid_seed=(seed, pid, spec.name),
-                )
-                series.append(
-                    SeriesInfo(
-                        pid, f"{pid}/{folder_name}", series_uid, spec.name, spec.kernel, px, slices
-                    ).__dict__
-                )
-                tick()
-            patient_records.append(
-                {
-                    "patient": pid,
-                    "study_uid": study_uid,
-                    "frame_of_reference_uid": frame_uid,
-                    "z_mm": [float(v) for v in z + z_table],
-                    "series": series,
-                }
+        patient_records = [
+            _simulate_patient(
+                tmp, p_idx, seed, z, specs, cals, size, (common_n, common_px), full_fbp, n_angles, tick
             )
+            for p_idx in range(patient_offset, patient_offset + patients)
+        ]
         record = _record(
             specs,
             cal_rows,
@@ -394,6 +345,64 @@ def simulate(
         )
         (tmp / "simulation.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _simulate_patient(
+    tmp: Path, p_idx: int, seed: int, z: np.ndarray, specs: Sequence[K.KernelSpec],
+    cals: dict[str, K.Calibration], size: int, grid: tuple[int, float], full_fbp: bool, n_angles: int | None,
+    tick: Callable[[], None],
+) -> dict:
+    """One phantom patient reconstructed with every kernel, written as one DICOM series per kernel."""
+    common_n, common_px = grid
+    slices = len(z)
+    pid = f"SIM{seed:03d}-{p_idx:04d}"
+    rng = np.random.default_rng([seed, p_idx, 0])
+    z_table = float(rng.uniform(-300.0, -100.0))  # table position: z varies between patients
+    params = random_params(rng, (float(z[0]), float(z[-1])))
+    truth = ChestPhantom(params, z).slices(common_n, common_px)
+    # Noise variance map per slice is anatomy-only (same rays whatever the kernel).
+    var_coarse = [K.variance_map_coarse(K.hu_to_mu(s), common_px) for s in truth]
+    study_uid = _uid(seed, pid, "study")
+    frame_uid = _uid(seed, pid, "frame")
+    series = []
+    for k_idx, spec in enumerate(specs):
+        px = spec.pixel_mm(size)
+        srng = np.random.default_rng([seed, p_idx, 1 + k_idx])
+        recon = np.empty((slices, size, size), dtype=np.float32)
+        for s in range(slices):
+            hu = K.resample_centered(truth[s], common_px, size, px)
+            if full_fbp:
+                recon[s] = K.reconstruct_fbp(hu, spec, cals[spec.name], srng, n_angles=n_angles)
+            else:
+                coarse, cpx = var_coarse[s]
+                vmap = np.maximum(K.resample_centered(coarse, cpx, size, px), 1.0)
+                recon[s] = K.reconstruct_fast(hu, spec, cals[spec.name], srng, variance=vmap)
+        series_uid = _uid(seed, pid, spec.name, "series")
+        folder_name = f"{k_idx + 1:02d}_{spec.kernel.replace('/', '_').replace(chr(92), '_')}"
+        write_ct_series(
+            tmp / pid / folder_name,
+            recon,
+            pixel_mm=px,
+            z_mm=z + z_table,
+            spec=spec,
+            patient_id=pid,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            frame_uid=frame_uid,
+            series_number=k_idx + 1,
+            description=f"SIM CHEST {spec.kernel} {'FBP' if full_fbp else 'FAST'}",
+            uid_seed=(seed, pid, spec.name),
+        )
+        info = SeriesInfo(pid, f"{pid}/{folder_name}", series_uid, spec.name, spec.kernel, px, slices)
+        series.append(info.__dict__)
+        tick()
+    return {
+        "patient": pid,
+        "study_uid": study_uid,
+        "frame_of_reference_uid": frame_uid,
+        "z_mm": [float(v) for v in z + z_table],
+        "series": series,
+    }
 
 
 def _record(specs, cal_rows, cals, patient_records, **settings) -> dict:
