@@ -17,7 +17,6 @@ level, so the GUI can import it (and catch these classes) before the dependencie
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import traceback
@@ -26,6 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from . import ensureEnginePath
+
+ensureEnginePath()
+# fileio needs only numpy: safe before the dependencies are installed.
+from TextureStarGANCore.fileio import atomic_output, write_text_atomic  # noqa: E402
 
 if TYPE_CHECKING:
     from TextureStarGANCore.domains import Domain
@@ -247,12 +252,6 @@ class HarmonizationJob:
 # --------------------------------------------------------------------------------------------------
 # The job folder
 # --------------------------------------------------------------------------------------------------
-def _atomicWrite(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def saveJob(job: HarmonizationJob, folder: Path) -> None:
     """Write what the child process needs to run `job` (parent side)."""
     folder = Path(folder)
@@ -267,7 +266,7 @@ def saveJob(job: HarmonizationJob, folder: Path) -> None:
         "referenceSpacing": list(job.reference[1]) if job.reference is not None else None,
         "referenceName": job.referenceName,
     }
-    _atomicWrite(folder / JOB, json.dumps(spec))
+    write_text_atomic(folder / JOB, json.dumps(spec))
 
 
 def loadJob(folder: Path) -> HarmonizationJob:
@@ -291,7 +290,7 @@ def _writeProgress(folder: Path, done: int, total: int) -> None:
     # Best effort: on Windows os.replace fails while the GUI has the file open to read it. Progress is only
     # advisory, so a busy file skips this update instead of aborting the run.
     try:
-        _atomicWrite(folder / PROGRESS, f"{int(done)} {int(total)}")
+        write_text_atomic(folder / PROGRESS, f"{int(done)} {int(total)}")
     except OSError:
         pass
 
@@ -317,13 +316,11 @@ def runJobFolder(folder: Path) -> int:
         if report["kind"] == HarmonizationError.kind:  # unexpected: keep where it happened
             traceback.print_exc()
             report["traceback"] = traceback.format_exc()[-3000:]
-        _atomicWrite(folder / ERROR, json.dumps(report))
+        write_text_atomic(folder / ERROR, json.dumps(report))
         return EXIT_CANCELLED if isinstance(error, HarmonizationCancelled) else EXIT_FAILED
-    temporary = folder / f".{RESULT}"
-    with temporary.open("wb") as f:
+    with atomic_output(folder / RESULT) as temporary, open(temporary, "wb") as f:
         np.save(f, job.result)
-    os.replace(temporary, folder / RESULT)
-    _atomicWrite(folder / RUN_INFO, json.dumps(job.runInfo))
+    write_text_atomic(folder / RUN_INFO, json.dumps(job.runInfo))
     return EXIT_OK
 
 

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import ensureEnginePath
 from .compare import AFTER, AFTER_ZOOM, BEFORE, BEFORE_ZOOM, ComparisonViews
+
+ensureEnginePath()
+from TextureStarGANCore.fileio import atomic_output  # noqa: E402
 
 __all__ = ["configureOffscreenRendering", "renderComparisonPNG"]
 
@@ -145,17 +149,14 @@ def renderComparisonPNG(
     grab.SetInput(window)
     grab.ReadFrontBufferOff()
     grab.Update()
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     writer = vtk.vtkPNGWriter()
-    writer.SetFileName(str(temporary))
     writer.SetInputConnection(grab.GetOutputPort())
     try:
-        writer.Write()
-        if writer.GetErrorCode() or not temporary.is_file():
-            raise OSError(f"could not write '{path}' (VTK error code {writer.GetErrorCode()})")
-        os.replace(temporary, path)
+        with atomic_output(path) as temporary:
+            writer.SetFileName(str(temporary))
+            writer.Write()
+            if writer.GetErrorCode() or not temporary.is_file():
+                raise OSError(f"could not write '{path}' (VTK error code {writer.GetErrorCode()})")
     finally:
-        if temporary.exists():
-            temporary.unlink()
         window.Finalize()
     return path
