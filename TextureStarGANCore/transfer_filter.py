@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +83,8 @@ class TransferFilter:
         h = self.gain
         floor = 1.0 / (max_gain * max_gain)
         inv = np.where(h > 0, h / np.maximum(h * h, floor), 0.0)
-        return TransferFilter(self.freq_per_mm, inv, f"inverse of ({self.description}), max gain {max_gain:g}")
+        return TransferFilter(self.freq_per_mm, inv,
+                              f"inverse of ({self.description}), max gain {max_gain:g}")
 
     def apply(self, volume: np.ndarray, spacing_xy: Sequence[float]) -> np.ndarray:
         """Filter every slice of a (slices, rows, cols) or (rows, cols) HU array; float32 of the same shape.
@@ -135,7 +136,7 @@ def fit_transfer_filter(
     sources: np.ndarray,
     targets: np.ndarray,
     spacing_xy: Sequence[float],
-    knots: Optional[np.ndarray] = None,
+    knots: np.ndarray | None = None,
     ridge: float = 1e-9,
     description: str = "",
 ) -> TransferFilter:
@@ -167,8 +168,8 @@ def fit_transfer_filter(
         mult[:, -1] = 1.0
     mult = mult.ravel()
     diag, off, rhs = np.zeros(n), np.zeros(n - 1), np.zeros(n)
-    for s, t in zip(src, tgt):
-        fs, ft = np.fft.rfft2(s).ravel(), np.fft.rfft2(t).ravel()
+    for i in range(src.shape[0]):  # index loop: zip(strict=) is not available on Python 3.9
+        fs, ft = np.fft.rfft2(src[i]).ravel(), np.fft.rfft2(tgt[i]).ravel()
         pss = mult * np.abs(fs) ** 2
         pst = mult * np.real(np.conj(fs) * ft)
         diag += np.bincount(left, pss * (1 - w) ** 2, n) + np.bincount(left + 1, pss * w * w, n)
