@@ -105,7 +105,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
                     p = m["params"]
                     choices = (f"; max gain chosen from {p['max_gain_choices']} by the fit RMSE"
                                if "max_gain_choices" in p else "")
-                    lines.append(f"- {name}: {p['response']} ({p['knots']} knots 0..{p['max_knot_freq_per_mm']} "
+                    lines.append(f"- {name}: {p['response']} ({p['knots']} knots, 0.."
+                                 f"{p['max_knot_freq_per_mm']} "
                                  f"cycles/mm){choices}; fit RMSE {_fmt(m['fit_rmse_hu'])} HU")
             stem = _stem(pair, d)
             lines += ["", f"![images]({stem}_images.png)", "", f"![NPS]({stem}_nps.png)", ""]
