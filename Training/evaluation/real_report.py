@@ -163,7 +163,7 @@ def images_png(path: Path, pair: dict[str, Any], d: str, res: dict[str, Any]) ->
     slice_no = pair["evaluated_slices"][0] + k
     fig.suptitle(f"{pair['pair']}: {res['source_kernel']} -> {res['target_kernel']}, slice {slice_no}",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.25 / n))
     try:
         with atomic_output(path) as tmp:
             fig.savefig(tmp, dpi=80, format="png")

@@ -191,8 +191,11 @@ def validate_pair(
         tm = time.perf_counter()
         for d, dom in (("sharp->smooth", dom_smooth), ("smooth->sharp", dom_sharp)):
             source = h.detect_source(pair.sharp if d == "sharp->smooth" else pair.smooth)
-            outputs[d][label] = h.harmonize(inputs[d], spacing, target=dom[0].name,
-                                            source=source.name if source else None).astype(np.float32)
+            bar = f"{pair.name}: {label}, {d}"
+            outputs[d][label] = h.harmonize(
+                inputs[d], spacing, target=dom[0].name, source=source.name if source else None,
+                progress=(lambda n, t, bar=bar: progress(bar, n, t)) if progress else None,
+            ).astype(np.float32)
             params[d][label] = {"kind": "model", "params": {
                 "file": str(h.path), "target_domain": dom[0].name, "target_from": dom[1],
                 "source_domain": source.name if source else None}}
