@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--fine-detail", choices=("scaled", "keep", "drop"), default="scaled",
                    help="detail finer than the model's pixels: scale it like the model changed the finest "
                         "texture it sees (default), keep it, or drop it")
+    h.add_argument("--method", choices=("model", "filter"), default="model",
+                   help="model: the network (default); filter: the model file's fitted linear kernel-"
+                        "transfer "
+                        "filter for this (source, target) pair (fast, transparent, no GPU)")
     h.add_argument("--allow-untrained", action="store_true",
                    help="accept a model with untrained (random) weights; for tests only")
     i = sub.add_parser("info", help="print a model card", description="Print a model file's card.")
@@ -120,6 +124,12 @@ def _pick_slice(hu: np.ndarray) -> int:
     """The slice with the most body (voxels above BODY_THRESHOLD_HU): the most informative one to show."""
     area = (hu > BODY_THRESHOLD_HU).reshape(hu.shape[0], -1).sum(axis=1)
     return int(np.argmax(area))
+
+
+def _filter_method(model: ModelFile, source: Domain, target: Domain) -> Any:
+    from .filter_method import FilterHarmonizer
+
+    return FilterHarmonizer(model, source, target)  # NoFilterError (a ValueError) names the fitted pairs
 
 
 def _run_cancellable(func: Any, cancel: threading.Event) -> Any:
@@ -175,7 +185,8 @@ def _harmonize(args: argparse.Namespace) -> int:
     if source.id == target.id:
         print(f"note: the input is already {target.name}; harmonizing to the same kernel.", file=sys.stderr)
     try:
-        harmonizer = Harmonizer(model, device=args.device, batch_size=args.batch_size)
+        harmonizer = (_filter_method(model, source, target) if args.method == "filter"
+                      else Harmonizer(model, device=args.device, batch_size=args.batch_size))
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
