@@ -9,6 +9,7 @@ entries go into the card's optional ``transfer_filters`` (``ctharmonize harmoniz
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,23 @@ from Training.evaluation.metrics.highpass import highpass
 MAX_POSITIONS = 32  # paired slice positions per fit: plenty for 64 knots, seconds on a CPU
 
 
-def fit_domain_filters(dataset_root: str | Path, max_positions: int = MAX_POSITIONS) -> list[dict[str, Any]]:
-    """Card entries for every ordered pair of the dataset's domains, fitted on its training split.
+@dataclass
+class PairedStacks:
+    """Pixel-paired training slices of every domain (HU), their body masks and high-pass noise."""
+
+    hu: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    noise: dict[str, float]
+    pixel_mm: float
+    description: str
+
+    def sharp_smooth(self, a: str, b: str) -> tuple[str, str]:
+        """The two domains ordered (sharper, smoother) by high-pass noise."""
+        return (a, b) if self.noise[a] >= self.noise[b] else (b, a)
+
+
+def paired_training_stacks(dataset_root: str | Path, max_positions: int = MAX_POSITIONS) -> PairedStacks:
+    """Up to ``max_positions`` evenly spread slice positions of the train split that every domain has.
 
     Raises ``DatasetError`` when the data are not pixel-paired (real data) or hold no paired positions.
     """
@@ -48,9 +64,16 @@ def fit_domain_filters(dataset_root: str | Path, max_positions: int = MAX_POSITI
     px = float(ds.spec.pixel_spacing_mm)
     fitted_on = (f"{len(picks)} paired slice positions of the train split of {Path(dataset_root).name}, "
                  f"{px:g} mm pixels")
+    return PairedStacks(hu, masks, noise, px, fitted_on)
+
+
+def fit_domain_filters(dataset_root: str | Path, max_positions: int = MAX_POSITIONS) -> list[dict[str, Any]]:
+    """Card entries for every ordered pair of the dataset's domains, fitted on its training split."""
+    st = paired_training_stacks(dataset_root, max_positions)
+    px, hu, masks, fitted_on = st.pixel_mm, st.hu, st.masks, st.description
     entries = []
-    for a, b in combinations(names, 2):
-        sharp, smooth = (a, b) if noise[a] >= noise[b] else (b, a)
+    for a, b in combinations(sorted(hu), 2):
+        sharp, smooth = st.sharp_smooth(a, b)
         down, up = fit_linear_filter(hu[sharp], hu[smooth], (px, px), masks[smooth], masks[sharp])
         for (src, tgt), base in (((sharp, smooth), down), ((smooth, sharp), up)):
             assert base.transfer is not None
