@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,8 @@ from TextureStarGANCore.masks import body_mask
 from TextureStarGANCore.model_file import instantiate, load_model_file
 from TextureStarGANCore.preprocessing import unit_to_hu
 from Training.data.dataset import CTSliceDataset, DatasetError, paired_slices
-from Training.evaluation.baselines import Baseline, fit_gaussian_blur, fit_linear_filter
+from Training.evaluation.baselines import Baseline, fit_domain_baselines
 from Training.evaluation.metrics.paired import PairedDirection, roi_size, uniform_roi_centers
-from Training.trainer.transfer_filters import paired_training_stacks
 
 HP_SIGMA_MM = 1.5  # high-pass: image minus its Gaussian blur at this sigma
 LP_SIGMA_MM = 3.0  # low-pass structure scale
@@ -96,21 +94,6 @@ def _score_direction(pairs: list, a: str, b: str, harmonize: Callable[[dict], np
     return s
 
 
-def fit_baselines(data: Path) -> tuple[dict[tuple[str, str], list[Baseline]], str]:
-    """Linear transfer filter (both directions) and best Gaussian blur (smoothing direction) per domain pair,
-    fitted on paired slices of the training patients (``trainer.transfer_filters``)."""
-    st = paired_training_stacks(data)
-    px = (st.pixel_mm, st.pixel_mm)
-    out: dict[tuple[str, str], list[Baseline]] = {}
-    for a, b in combinations(sorted(st.hu), 2):
-        sharp, smooth = st.sharp_smooth(a, b)
-        down, up = fit_linear_filter(st.hu[sharp], st.hu[smooth], px, st.masks[smooth], st.masks[sharp])
-        blur = fit_gaussian_blur(st.hu[sharp], st.hu[smooth], st.masks[smooth], st.pixel_mm)
-        out[(sharp, smooth)] = [down, blur]
-        out[(smooth, sharp)] = [up]
-    return out, st.description
-
-
 def check(models: list[Path], data: Path, out: Path, per_domain: int, tiled: bool,
           baselines: bool = True) -> dict:
     ds = CTSliceDataset(data, "test")
@@ -146,7 +129,7 @@ def check(models: list[Path], data: Path, out: Path, per_domain: int, tiled: boo
             results["models"][label] = per_dir
     if baselines:
         try:
-            fitted, fitted_on = fit_baselines(data)
+            fitted, fitted_on = fit_domain_baselines(data)
         except DatasetError as exc:
             results["baselines_skipped"] = str(exc)
         else:

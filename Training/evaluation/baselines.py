@@ -100,3 +100,23 @@ def fit_linear_filter(
                                       **response_summary(inv)},
                     lambda x: inv.apply(x, spacing_xy), err, transfer=inv)
     return fwd, back
+
+
+def fit_domain_baselines(dataset_root: Any) -> tuple[dict[tuple[str, str], list[Baseline]], str]:
+    """Baselines per direction (source, target) of a simulated dataset, fitted on paired slices of its
+    training patients: the linear transfer filter both ways, the best Gaussian blur where it smooths.
+    Returns them and a description of the fitting data; ``DatasetError`` on unpaired (real) data."""
+    from itertools import combinations
+
+    from Training.trainer.transfer_filters import paired_training_stacks  # imports this module
+
+    st = paired_training_stacks(dataset_root)
+    px = (st.pixel_mm, st.pixel_mm)
+    out: dict[tuple[str, str], list[Baseline]] = {}
+    for a, b in combinations(sorted(st.hu), 2):
+        sharp, smooth = st.sharp_smooth(a, b)
+        down, up = fit_linear_filter(st.hu[sharp], st.hu[smooth], px, st.masks[smooth], st.masks[sharp])
+        blur = fit_gaussian_blur(st.hu[sharp], st.hu[smooth], st.masks[smooth], st.pixel_mm)
+        out[(sharp, smooth)] = [down, blur]
+        out[(smooth, sharp)] = [up]
+    return out, st.description

@@ -312,6 +312,11 @@ def evaluate(
                                         paired[key].add(a, b, truth)
                     prog.step(len(chunk))
 
+    baselines: dict[tuple[str, str], dict[str, Any]] = {}
+    if "paired" in chosen:
+        with timer("baselines", 1):
+            baselines = _paired_baselines(ts, spacing, window, notes)
+
     # ---- numbers ------------------------------------------------------------------------------------
     t_stats = time.perf_counter()
     from Training.evaluation.metrics.structure import mean_scores
@@ -443,6 +448,13 @@ def evaluate(
                     ssim_after=mean["ssim_after"],
                     nps_distance_after=mean["nps_distance_after"],
                 )
+            pr["paired"]["baselines"] = {}
+            for name in sorted({n for d in dirs for n in baselines.get(d, {})}):
+                per = {direction_name(s, t): baselines[(s, t)][name] for s, t in dirs
+                       if name in baselines.get((s, t), {})}
+                mean = {k: _mean([p[k] for p in per.values()])
+                        for k in ("psnr_after", "ssim_after", "nps_distance_after")}
+                pr["paired"]["baselines"][name] = {"mean": mean, "directions": per}
         results["pairs"][pn] = pr
     for lab in labels:
         rows = [v for k, v in results["summary"][lab].items() if k != "mean"]
@@ -479,6 +491,41 @@ def evaluate(
 
         write_outputs(Path(out_dir), results, examples if figures else {}, paired_raw=paired, labels=labels)
     return results
+
+
+def _paired_baselines(ts: Any, spacing: float, window: tuple[float, float],
+                      notes: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Classical baselines scored like the models on the test slices' paired truth: fitted on paired
+    slices of the training patients (``baselines.fit_domain_baselines``). {(source, target): {name:
+    PairedDirection summary + fitted parameters}}; empty (with a note) when they cannot be fitted."""
+    from Training.data.dataset import DatasetError
+    from Training.evaluation.baselines import fit_domain_baselines
+    from Training.evaluation.metrics.paired import PairedDirection
+
+    try:
+        fitted, fitted_on = fit_domain_baselines(ts.root)
+    except DatasetError as exc:
+        notes.append(f"no classical baselines: {exc}")
+        return {}
+    notes.append(f"classical baselines (linear transfer filter, best Gaussian blur) fitted on {fitted_on}")
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for (s, t), items in fitted.items():
+        if s not in ts.slices or t not in ts.slices:
+            continue
+        for base in items:
+            acc = PairedDirection(spacing, window)
+            refs = ts.slices[s]
+            for start in range(0, len(refs), CHUNK):
+                chunk = refs[start : start + CHUNK]
+                src_hu = ts.to_hu(ts.canvases(chunk))
+                for ref, a, b in zip(chunk, src_hu, base.apply(src_hu), strict=True):
+                    partner = ts.partner(ref, t)
+                    if partner is not None:
+                        acc.add(a, b, ts.to_hu(ts.canvases([partner])[0]))
+            summary = acc.summary()
+            summary.pop("nps", None)
+            out.setdefault((s, t), {})[base.name] = {**summary, "fitted_params": base.params}
+    return out
 
 
 def _safe_fid(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -103,6 +103,13 @@ def build_tables(results: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
                 header.append(f"{k} {lab}")
                 for r, p in zip(rows, pairs, strict=True):
                     r.append(results["pairs"][p]["paired"]["models"][lab]["mean"][f"{k}_after"])
+            # The classical baseline fitted on the training patients, scored on the same test slices.
+            name = "linear filter"
+            if any(name in results["pairs"][p]["paired"].get("baselines", {}) for p in pairs):
+                header.append(f"{k} baseline: {name}")
+                for r, p in zip(rows, pairs, strict=True):
+                    b = results["pairs"][p]["paired"].get("baselines", {}).get(name)
+                    r.append(b["mean"][f"{k}_after"] if b else None)
         tables["paired"] = (header, with_mean(rows))
     return tables
 
