@@ -128,7 +128,8 @@ TABLE_TITLES = {
     "frd": "Frechet Radiomic Distance before and after harmonization (lower is better)",
     "structure": "Structure preservation inside the lungs, harmonized vs its own input (1 = identical)",
     "paired": "Paired ground truth (simulated): PSNR [dB] / SSIM vs the true target-kernel slice (higher is "
-    "better), NPS distance (relative L2, lower is better)",
+    "better), NPS distance (relative L2, lower is better); 'baseline: linear filter' = the classical linear "
+    "kernel-transfer filter fitted on the training patients",
 }
 
 
