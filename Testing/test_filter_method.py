@@ -82,3 +82,19 @@ def test_cli_method_filter_refuses_a_pair_without_a_fitted_filter(model_with_fil
     assert rc == 2
     assert "no fitted transfer filter for STANDARD -> B30f" in err and "BONE -> B30f" in err
     assert not out.exists()
+
+
+def test_amending_a_model_card_keeps_the_weights(tmp_path):
+    import torch
+
+    from Training.trainer.export import amend_model_card
+
+    src = make_model_file(tmp_path / "a.safetensors", config=TINY, spec=SPEC, iterations=3)
+    out = amend_model_card(src, tmp_path / "b.safetensors", metrics={"real_pairs": {"x": 1.0}},
+                           transfer_filters=[_entry("BONE", "B30f")])
+    a, b = load_model_file(src), load_model_file(out)
+    assert b.transfer_filter_pairs == [("BONE", "B30f")] and b.card["metrics"]["real_pairs"] == {"x": 1.0}
+    assert b.card["training"] == a.card["training"] and b.card["created"] == a.card["created"]
+    for net, sd in a.state_dicts.items():
+        assert all(torch.equal(v, b.state_dicts[net][k]) for k, v in sd.items())
+    assert torch.equal(a.domain_styles, b.domain_styles)

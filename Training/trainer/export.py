@@ -26,6 +26,7 @@ from TextureStarGANCore.domains import Domain
 from TextureStarGANCore.model_file import (
     DEFAULT_NUM_LATENTS,
     compute_domain_styles,
+    load_model_file,
     make_model_card,
     save_model_file,
     weights_from_networks,
@@ -154,3 +155,19 @@ def export_checkpoint(
         metrics=latest_metrics(run_dir, iteration), num_latents=num_latents, style_seed=style_seed,
         transfer_filters=transfer_filters,
     )
+
+
+def amend_model_card(
+    path: Path, out: Path, *, metrics: Mapping[str, Any] | None = None,
+    transfer_filters: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Rewrite a model file with card additions (extra ``metrics`` keys, ``transfer_filters``); the
+    weights, styles and every other card field stay exactly as they were (the weights checksum too)."""
+    mf = load_model_file(path)
+    card = dict(mf.card)
+    if metrics:
+        card["metrics"] = {**card.get("metrics", {}), **metrics}
+    if transfer_filters is not None:
+        card["transfer_filters"] = [dict(e) for e in transfer_filters]
+    weights = {f"{net}.{k}": v for net, sd in mf.state_dicts.items() for k, v in sd.items()}
+    return save_model_file(out, config=mf.config, weights=weights, domain_styles=mf.domain_styles, card=card)
