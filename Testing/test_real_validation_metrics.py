@@ -98,3 +98,22 @@ def test_baselines_recover_a_known_gaussian_transfer():
     assert back.params["max_gain"] in back.params["max_gain_choices"]
     assert back.transfer.max_gain <= back.params["max_gain"] + 1e-9
     assert rmse_hu(back.apply(smooth2), sharp2, masks) < rmse_hu(smooth2, sharp2, masks)
+
+
+def test_verdict_needs_both_rmse_and_a_measurable_nps():
+    from Training.evaluation.validate_real import verdict
+
+    def m(kind, rmse, nps):
+        return {"kind": kind, "rmse_hu": rmse, "nps_distance": nps}
+
+    methods = {"identity": m("baseline", 50.0, 0.9), "linear filter": m("baseline", 9.0, 0.05),
+               "model a": m("model", 8.0, 0.04), "model b": m("model", 8.0, 0.2),
+               "model c": m("model", 20.0, 0.01)}
+    v = verdict(methods)
+    assert v["best_baseline"] == "linear filter"
+    assert v["model a"]["beats_best_baseline"] is True
+    assert v["model b"] == {"beats_rmse": True, "beats_nps": False, "beats_best_baseline": False}
+    assert v["model c"]["beats_best_baseline"] is False
+    methods = {k: {**x, "nps_distance": None} for k, x in methods.items()}
+    v = verdict(methods)
+    assert v["model a"] == {"beats_rmse": True, "beats_nps": None, "beats_best_baseline": False}

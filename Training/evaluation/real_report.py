@@ -62,9 +62,11 @@ def _verdict_lines(res: dict[str, Any]) -> list[str]:
         if name == "best_baseline":
             continue
         yes = "yes" if r["beats_best_baseline"] else "no"
+        nps = {True: "better", False: "worse", None: "not measurable (no uniform soft tissue)"}[
+            r["beats_nps"]]
         lines.append(f"**{res['source_kernel']} -> {res['target_kernel']}, {name}: beats the best baseline "
                      f"({best}) on RMSE and NPS: {yes}** (RMSE {'better' if r['beats_rmse'] else 'worse'}, "
-                     f"NPS distance {'better' if r['beats_nps'] else 'worse'})")
+                     f"NPS distance {nps})")
     return lines
 
 
@@ -98,8 +100,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
             for name, m in _rows(pair, d, res):
                 params = _params_text(m) if m["kind"] != "reference" else "(the real reconstruction)"
                 lines.append(f"| {name} | {params} | " + " | ".join(_fmt(m.get(c)) for c in COLUMNS) + " |")
-            lines += ["", f"NPS from {res['nps_rois']} ROIs; edges from {res['edge_points']} edge points.",
-                      ""]
+            nps = (f"NPS from {res['nps_rois']} uniform soft-tissue ROIs" if res["nps_rois"] else
+                   "NPS not measurable: no uniform soft-tissue ROI in the evaluated slices")
+            lines += ["", f"{nps}; edges from {res['edge_points']} edge points.", ""]
             for name, m in res["methods"].items():
                 if m["kind"] == "baseline" and m["params"].get("response"):
                     p = m["params"]

@@ -240,7 +240,10 @@ def _series_info(v: Any) -> dict[str, Any]:
 
 
 def verdict(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per model: does it beat the best baseline (lowest RMSE) on both RMSE and NPS distance?"""
+    """Per model: does it beat the best baseline (lowest RMSE) on both RMSE and NPS distance?
+
+    ``beats_nps`` is None when the NPS cannot be measured (no uniform soft tissue in the evaluated
+    slices); the model then beats the baseline only if it wins on RMSE and the NPS is measurable."""
     base = {k: m for k, m in methods.items() if m["kind"] == "baseline"}
     best = min(base, key=lambda k: base[k]["rmse_hu"])
     out: dict[str, Any] = {"best_baseline": best}
@@ -248,9 +251,11 @@ def verdict(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if m["kind"] != "model":
             continue
         rmse_ok = m["rmse_hu"] < base[best]["rmse_hu"]
-        nps_ok = (m["nps_distance"] is not None and base[best]["nps_distance"] is not None
-                  and m["nps_distance"] < base[best]["nps_distance"])
-        out[k] = {"beats_rmse": rmse_ok, "beats_nps": nps_ok, "beats_best_baseline": rmse_ok and nps_ok}
+        nps_ok = None
+        if m["nps_distance"] is not None and base[best]["nps_distance"] is not None:
+            nps_ok = m["nps_distance"] < base[best]["nps_distance"]
+        out[k] = {"beats_rmse": rmse_ok, "beats_nps": nps_ok,
+                  "beats_best_baseline": rmse_ok and nps_ok is True}
     return out
 
 

@@ -26,12 +26,16 @@ def highpass(hu: np.ndarray, sigma_px: float = HP_SIGMA_PX) -> np.ndarray:
 
 
 def soft_tissue_mask(reference_hu: np.ndarray) -> np.ndarray:
-    """Soft tissue of one reference slice, away from any boundary: smoothed HU in ``SOFT_TISSUE_HU``
-    inside the body, eroded by ``EDGE_MARGIN_PX``."""
+    """Soft tissue of one reference slice, away from any boundary: inside the body, and the smoothed
+    reference stays within ``SOFT_TISSUE_HU`` everywhere within ``EDGE_MARGIN_PX`` (so thin partial-volume
+    bands between air and bone, whose values pass through the soft-tissue range, stay out)."""
     ref = np.asarray(reference_hu, dtype=np.float32)
     smooth = ndimage.gaussian_filter(ref, 2.0 * HP_SIGMA_PX)
-    soft = (smooth > SOFT_TISSUE_HU[0]) & (smooth < SOFT_TISSUE_HU[1]) & body_mask(ref)
-    return ndimage.binary_erosion(soft, iterations=EDGE_MARGIN_PX)
+    size = 2 * EDGE_MARGIN_PX + 1
+    soft = (ndimage.minimum_filter(smooth, size) > SOFT_TISSUE_HU[0]) & (
+        ndimage.maximum_filter(smooth, size) < SOFT_TISSUE_HU[1])
+    inner_body = ndimage.binary_erosion(body_mask(ref), iterations=EDGE_MARGIN_PX)
+    return soft & inner_body
 
 
 def highpass_noise_sd(hu: np.ndarray, mask: np.ndarray) -> float:
