@@ -70,6 +70,7 @@ def response_summary(f: TransferFilter) -> dict[str, Any]:
     out["half_gain_freq_per_mm"] = round(float(f.freq_per_mm[below[0]]), 4) if below.size else None
     out["knots"] = int(len(f.freq_per_mm))
     out["max_knot_freq_per_mm"] = round(float(f.freq_per_mm[-1]), 4)
+    out["filter"] = f.to_dict()  # every fitted parameter: the gain at each knot
     return out
 
 

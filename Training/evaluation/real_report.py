@@ -33,7 +33,7 @@ def _params_text(m: dict[str, Any]) -> str:
     p = m.get("params", {})
     if m.get("kind") == "model":
         return f"target domain {p['target_domain']} ({p['target_from']})"
-    skip = {"response", "max_gain_choices"}
+    skip = {"response", "max_gain_choices", "filter"}
     return ", ".join(f"{k}={v}" for k, v in p.items() if k not in skip) or "none"
 
 
@@ -108,9 +108,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
                     p = m["params"]
                     choices = (f"; max gain chosen from {p['max_gain_choices']} by the fit RMSE"
                                if "max_gain_choices" in p else "")
-                    lines.append(f"- {name}: {p['response']} ({p['knots']} knots, 0.."
-                                 f"{p['max_knot_freq_per_mm']} "
-                                 f"cycles/mm){choices}; fit RMSE {_fmt(m['fit_rmse_hu'])} HU")
+                    lines.append(f"- {name}: {p['response']}; fitted parameters: the gains at {p['knots']} "
+                                 f"knots, 0..{p['max_knot_freq_per_mm']} cycles/mm (all in results.json, "
+                                 f"params.filter){choices}; fit RMSE {_fmt(m['fit_rmse_hu'])} HU")
             stem = _stem(pair, d)
             lines += ["", f"![images]({stem}_images.png)", "", f"![NPS]({stem}_nps.png)", ""]
     return "\n".join(lines) + "\n"
