@@ -244,6 +244,8 @@ def _info(args: argparse.Namespace) -> int:
     for d in model.domains:
         print(f"  {d.id}: {d.name}  ({d.display_name}; manufacturer {d.manufacturer}, "
               f"model {d.scanner_model}, kernel {d.kernel})")
+    pairs = ", ".join(f"{a} -> {b}" for a, b in model.transfer_filter_pairs)
+    print(f"transfer filters (--method filter): {pairs or 'none'}")
     training = card.get("training", {})
     print(f"training: {training.get('iterations')} iterations, texture loss "
           f"{'on' if training.get('texture_loss') else 'off'}, data: {training.get('data')}")
