@@ -40,10 +40,6 @@ class Baseline:
     transfer: TransferFilter | None = field(default=None, repr=False)
 
 
-def _rmse(pred: np.ndarray, target: np.ndarray, masks: np.ndarray) -> float:
-    return rmse_hu(pred, target, masks)
-
-
 def identity() -> Baseline:
     return Baseline("identity", {}, lambda x: np.asarray(x, np.float32).copy())
 
@@ -55,7 +51,7 @@ def gaussian_blur(sigma_px: float) -> Callable[[np.ndarray], np.ndarray]:
 
 def fit_gaussian_blur(source: np.ndarray, target: np.ndarray, masks: np.ndarray, pixel_mm: float) -> Baseline:
     """The single in-plane Gaussian sigma (pixels) with the lowest RMSE to ``target`` on these slices."""
-    res = minimize_scalar(lambda s: _rmse(gaussian_blur(s)(source), target, masks),
+    res = minimize_scalar(lambda s: rmse_hu(gaussian_blur(s)(source), target, masks),
                           bounds=SIGMA_RANGE_PX, method="bounded", options={"xatol": 0.01})
     sigma = float(res.x)
     return Baseline("gaussian blur", {"sigma_px": round(sigma, 3), "sigma_mm": round(sigma * pixel_mm, 3)},
@@ -87,11 +83,11 @@ def fit_linear_filter(
     fwd = Baseline("linear filter", {"response": "least-squares radial response, sharp -> smooth",
                                      **response_summary(forward)},
                    lambda x: forward.apply(x, spacing_xy), transfer=forward)
-    fwd.fit_rmse_hu = _rmse(fwd.apply(sharp), smooth, masks_smooth)
+    fwd.fit_rmse_hu = rmse_hu(fwd.apply(sharp), smooth, masks_smooth)
     best: tuple[float, float, TransferFilter] | None = None
     for g in MAX_GAIN_CHOICES:
         inv = forward.inverse(g)
-        err = _rmse(inv.apply(smooth, spacing_xy), sharp, masks_sharp)
+        err = rmse_hu(inv.apply(smooth, spacing_xy), sharp, masks_sharp)
         if best is None or err < best[0]:
             best = (err, g, inv)
     assert best is not None

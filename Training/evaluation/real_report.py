@@ -37,7 +37,8 @@ def _params_text(m: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items() if k not in skip) or "none"
 
 
-def _rows(pair: dict[str, Any], d: str, res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _rows(res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The methods of one direction, then the real target's own figures."""
     rows = list(res["methods"].items())
     rows.append(("real target", {"kind": "reference", **res["target"]}))
     return rows
@@ -47,7 +48,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     out = []
     for pair in summary["pairs"]:
         for d, res in pair["directions"].items():
-            for name, m in _rows(pair, d, res):
+            for name, m in _rows(res):
                 out.append([pair["pair"], d, res["source_kernel"], res["target_kernel"], name, m["kind"],
                             _params_text(m) if m["kind"] != "reference" else "",
                             *(_fmt(m.get(c), 5) for c in COLUMNS)])
@@ -97,7 +98,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
             lines += _verdict_lines(res) + [""]
             lines.append("| method | fitted parameters | " + " | ".join(HEADINGS) + " |")
             lines.append("|---|---|" + "---|" * len(HEADINGS))
-            for name, m in _rows(pair, d, res):
+            for name, m in _rows(res):
                 params = _params_text(m) if m["kind"] != "reference" else "(the real reconstruction)"
                 lines.append(f"| {name} | {params} | " + " | ".join(_fmt(m.get(c)) for c in COLUMNS) + " |")
             nps = (f"NPS from {res['nps_rois']} uniform soft-tissue ROIs" if res["nps_rois"] else

@@ -152,14 +152,12 @@ def validate_pair(
     sharp, smooth = pair.sharp.hu, pair.smooth.hu
     k_sharp, k_smooth = pair.kernels
     targets = {}
-    labels: list[str] = []
     for h in harmonizers:
-        targets[_model_label(h, labels)] = (
+        targets[_model_label(h, list(targets))] = (
             h,
             _target_domain(h, pair.smooth, target_smooth, "--target-smooth"),
             _target_domain(h, pair.sharp, target_sharp, "--target-sharp"),
         )
-        labels.append(_model_label(h, labels))
     total = 4 + 2 * len(harmonizers)
     step(0, total)
     fi, ei = list(fit), list(ev)
