@@ -31,6 +31,7 @@ def make_model_file(
     spec: PreprocessSpec | None = None,
     iterations: int = 0,
     seed: int = 0,
+    transfer_filters: list[dict] | None = None,
 ) -> Path:
     """Write a valid model file with He-initialised weights (seeded) and return its path.
 
@@ -61,6 +62,7 @@ def make_model_file(
         num_latents=TEST_NUM_LATENTS,
         style_seed=seed,
         intended_use="Tests only: random weights.",
+        transfer_filters=transfer_filters,
     )
     return save_model_file(
         path, config=config, weights=weights_from_networks(nets), domain_styles=styles, card=card

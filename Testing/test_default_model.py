@@ -58,3 +58,23 @@ def test_bone_to_b30f_removes_noise_and_keeps_anatomy(sample_and_result) -> None
     assert np.mean(hf_after) < 0.7 * np.mean(hf_before)
     # ... while the low-pass image (anatomy, mean tissue values) stays within a few HU.
     assert np.mean(lp_diff) < 10.0
+
+
+def test_bundled_filters_and_real_pair_table_are_in_the_card(tmp_path) -> None:
+    """The card carries the fitted linear transfer filters (all six directions) and the real-pair
+    validation table; ``--method filter`` smooths the bundled BONE sample towards B30f."""
+    pytest.importorskip("tqdm", reason="the command line needs tqdm (not in Slicer's Python)")
+    from TextureStarGANCore import cli
+
+    mf = load_model_file(DEFAULT_MODEL_PATH)
+    names = ["B30f", "BONE", "STANDARD"]
+    assert sorted(mf.transfer_filter_pairs) == sorted((a, b) for a in names for b in names if a != b)
+    assert {r["pair"] for r in mf.card["metrics"]["real_pairs"]["rows"]} == {
+        "philips_brilliance16_chest_l_b_pair", "philips_ingenuity_head_phantom_ub_ya_pair"}
+    out = tmp_path / "filtered.nrrd"
+    args = ["harmonize", str(SAMPLE), "--target", "B30f", "--method", "filter", "--output", str(out)]
+    assert cli.main(args) == 0
+    src, res = read_volume(SAMPLE).hu, read_volume(out).hu
+    mask = np.stack([_body(ndimage.gaussian_filter(s, 4.0)) for s in src])
+    hp = [(v - ndimage.gaussian_filter(v, (0, 1.5, 1.5)))[mask].std() for v in (src, res)]
+    assert hp[1] < 0.7 * hp[0]

@@ -25,7 +25,9 @@ CANVAS = 128  # 4 mm pixels: big enough for lungs and NPS regions, small enough 
 def setup(tmp_path_factory):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("eval")
-    ds = make_eval_dataset(root / "ds", canvas=CANVAS, patients=1, slices=3, domains=("B30f", "BONE"))
+    # Patient 0 is the test split; patient 1 (train) is what the classical baselines are fitted on.
+    ds = make_eval_dataset(root / "ds", canvas=CANVAS, patients=2, test_patients=1, slices=3,
+                           domains=("B30f", "BONE"))
     cfg = ModelConfig.small(img_size=CANVAS)
     # Untrained (random) models: the numbers below test the pipeline, not the method.
     m1 = make_model_file(root / "texture.safetensors", config=cfg, seed=0)
@@ -127,6 +129,14 @@ def test_results_json_numbers_and_provenance(full_run, setup):
         assert d["lungs"]["slices_with_lungs"] == 3 and d["radiomics"]["rois"]["lung"] > 0
         # Same phantom slice, two kernels: the input is closer to the truth than a random generator.
         assert clin["mean"]["pd15_bias_before"] < clin["mean"]["pd15_bias_after"]
+    # Classical baselines fitted on the training patients, scored on the same test slices.
+    base = pair["paired"]["baselines"]
+    assert set(base["linear filter"]["directions"]) == {"B30f->BONE", "BONE->B30f"}
+    assert set(base["gaussian blur"]["directions"]) == {"BONE->B30f"}  # blur only where it smooths
+    smooth = base["linear filter"]["directions"]["BONE->B30f"]
+    assert smooth["psnr_after"] > smooth["psnr_before"]
+    assert base["gaussian blur"]["directions"]["BONE->B30f"]["fitted_params"]["sigma_px"] > 0
+    assert any("classical baselines" in n for n in res["notes"])
     summary = res["summary"][res["models"][0]["label"]]
     assert set(summary) == {"B30f<->BONE", "mean"}
     assert "fid_NOT_COMPARABLE" in summary["B30f<->BONE"] and "fid" not in summary["B30f<->BONE"]

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--fine-detail", choices=("scaled", "keep", "drop"), default="scaled",
                    help="detail finer than the model's pixels: scale it like the model changed the finest "
                         "texture it sees (default), keep it, or drop it")
+    h.add_argument("--method", choices=("model", "filter"), default="model",
+                   help="model: the network (default); filter: the model file's fitted linear kernel-"
+                        "transfer "
+                        "filter for this (source, target) pair (fast, transparent, no GPU)")
     h.add_argument("--allow-untrained", action="store_true",
                    help="accept a model with untrained (random) weights; for tests only")
     c = sub.add_parser("cohort", help="harmonize every CT series of a folder tree (resumable, parallel)",
@@ -203,6 +207,16 @@ def _axial(volume: CTVolume) -> tuple[tuple[int, int, int], np.ndarray, tuple[fl
     per_axis = volume.spacing[::-1]  # spacing of array axes 0, 1, 2 (z, y, x)
     spacing = (per_axis[order[2]], per_axis[order[1]], per_axis[order[0]])
     return order, volume.hu.transpose(order), spacing
+
+
+def _filter_method(model: ModelFile, source: Domain | None, target: Domain) -> Any:
+    from .filter_method import FilterHarmonizer
+
+    if source is None:
+        raise _UsageError("--method filter needs the input's kernel to be one of the model's kernels (its "
+                          "filters are fitted per pair of them); pass --source naming one, or use "
+                          "--method model")
+    return FilterHarmonizer(model, source, target)  # NoFilterError (a ValueError) names the fitted pairs
 
 
 def _check_can_write(args: argparse.Namespace, volume: CTVolume, kind: str) -> None:
@@ -296,7 +310,8 @@ def _harmonize(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         print(f"note: the input is already {plan.target.name}; harmonizing to the same kernel.",
               file=sys.stderr)
     try:
-        harmonizer = Harmonizer(model, device=args.device, batch_size=args.batch_size)
+        harmonizer = (_filter_method(model, plan.source, plan.target) if args.method == "filter"
+                      else Harmonizer(model, device=args.device, batch_size=args.batch_size))
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
@@ -369,6 +384,8 @@ def _info(args: argparse.Namespace) -> int:
     for d in model.domains:
         print(f"  {d.id}: {d.name}  ({d.display_name}; manufacturer {d.manufacturer}, "
               f"model {d.scanner_model}, kernel {d.kernel})")
+    pairs = ", ".join(f"{a} -> {b}" for a, b in model.transfer_filter_pairs)
+    print(f"transfer filters (--method filter): {pairs or 'none'}")
     training = card.get("training", {})
     print(f"training: {training.get('iterations')} iterations, texture loss "
           f"{'on' if training.get('texture_loss') else 'off'}, data: {training.get('data')}")

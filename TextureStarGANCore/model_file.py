@@ -32,6 +32,7 @@ from .domains import Domain
 from .fileio import write_bytes_atomic
 from .networks import build_networks
 from .preprocessing import PreprocessSpec
+from .transfer_filter import TransferFilter
 
 FORMAT_VERSION = 1
 FILE_FORMAT = "ct-harmonization-model"
@@ -76,6 +77,18 @@ class ModelFile:
         """False for untrained (random) weights: `training.iterations == 0`."""
         return int(self.card["training"]["iterations"]) > 0
 
+    @property
+    def transfer_filter_pairs(self) -> list[tuple[str, str]]:
+        """(source, target) domain names that have a fitted linear transfer filter (optional in cards)."""
+        return [(e["source"], e["target"]) for e in self.card.get("transfer_filters", [])]
+
+    def transfer_filter(self, source: Domain, target: Domain) -> TransferFilter | None:
+        """The fitted linear transfer filter from ``source`` to ``target``; None if the file has none."""
+        for e in self.card.get("transfer_filters", []):
+            if e["source"] == source.name and e["target"] == target.name:
+                return TransferFilter.from_dict(e["filter"])
+        return None
+
 
 # --------------------------------------------------------------------------------------------------
 # Card
@@ -94,9 +107,14 @@ def make_model_card(
         "Not for diagnosis."
     ),
     created: str | None = None,
+    transfer_filters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A complete model card (see DESIGN.md) ready for `save_model_file`."""
-    return {
+    """A complete model card (see DESIGN.md) ready for `save_model_file`.
+
+    ``transfer_filters``: optional fitted linear filters, entries ``{"source", "target": domain names,
+    "filter": TransferFilter.to_dict(), "fitted_on": text}``.
+    """
+    card = {
         "format_version": FORMAT_VERSION,
         "architecture": config.to_dict(),
         "domains": [d.to_dict() for d in domains],
@@ -107,6 +125,9 @@ def make_model_card(
         "intended_use": intended_use,
         "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if transfer_filters:
+        card["transfer_filters"] = [dict(e) for e in transfer_filters]
+    return card
 
 
 def _card_error(msg: str) -> ModelFileError:
@@ -182,6 +203,7 @@ def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]
     _require(training, "texture_loss", bool, "training.")
     _require(training, "code_version", str, "training.")
     _require(card, "metrics", dict, "")
+    _check_transfer_filters(card.get("transfer_filters", []), domains)
     _require(card, "intended_use", str, "")
     created = _require(card, "created", str, "")
     try:
@@ -189,6 +211,28 @@ def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]
     except ValueError:
         raise _card_error(f"'created' must be an ISO date, got {created!r}") from None
     return config, domains, spec
+
+
+def _check_transfer_filters(entries: Any, domains: list[Domain]) -> None:
+    """The optional 'transfer_filters' field (older cards lack it): each names two of the model's domains."""
+    if not isinstance(entries, list):
+        raise _card_error("'transfer_filters' must be a list")
+    names = {d.name for d in domains}
+    seen = set()
+    for i, e in enumerate(entries):
+        where = f"transfer_filters[{i}]."
+        if not isinstance(e, dict):
+            raise _card_error(f"'transfer_filters[{i}]' must be an object")
+        pair = (_require(e, "source", str, where), _require(e, "target", str, where))
+        if not set(pair) <= names:
+            raise _card_error(f"'{where}source/target' {pair} must name the model's domains {sorted(names)}")
+        if pair in seen:
+            raise _card_error(f"two transfer filters for {pair[0]} -> {pair[1]}")
+        seen.add(pair)
+        try:
+            TransferFilter.from_dict(_require(e, "filter", dict, where))
+        except ValueError as exc:
+            raise _card_error(f"bad '{where}filter': {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -170,6 +170,7 @@ class _Run:
     paired: dict[tuple[int, str, str], Any] = field(default_factory=dict)
     clinical: dict[tuple[int, str, str], Any] = field(default_factory=dict)  # ClinicalComparison objects
     clinical_res: dict[tuple[int, str, str], dict] = field(default_factory=dict)
+    baselines: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # classical, per direction
     examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     timer: _Timer = field(default_factory=_Timer)
 
@@ -226,6 +227,9 @@ def evaluate(
         _stream_harmonized(run, pool, prog, cancel)
         with run.timer("clinical_radiomics", sum(c.n_slices for c in run.clinical.values())):
             run.clinical_res = _clinical_results(run.clinical, pool, cache_dir or default_cache_dir(), cancel)
+    if "paired" in run.chosen:
+        with run.timer("baselines", 1):
+            run.baselines = _paired_baselines(run.ts, run.notes)
     t_stats = time.perf_counter()
     results = _results(run)
     # Statistics: per pair and direction a 2048-d matrix square root (FID) and the Welch tests; a fixed
@@ -548,6 +552,14 @@ def _pair_paired(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
             psnr_after=mean["psnr_after"], ssim_after=mean["ssim_after"],
             nps_distance_after=mean["nps_distance_after"],
         )
+    dirs = _both(a, b)
+    out["baselines"] = {}
+    for name in sorted({n for d in dirs for n in run.baselines.get(d, {})}):
+        per = {direction_name(s, t): run.baselines[(s, t)][name] for s, t in dirs
+               if name in run.baselines.get((s, t), {})}
+        keys = ("psnr_after", "ssim_after", "nps_distance_after")
+        mean = {k: _mean([p[k] for p in per.values()]) for k in keys}
+        out["baselines"][name] = {"mean": mean, "directions": per}
     return out
 
 
@@ -608,6 +620,37 @@ def _clinical_pair(
 
 def _pair_clinical(run: _Run, a: str, b: str, summary: dict, pn: str) -> dict:
     return _clinical_pair(run.clinical_res, run.labels, _both(a, b), summary, pn)
+
+
+def _paired_baselines(ts: Any, notes: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Classical baselines scored like the models on the test slices' paired truth: fitted on paired
+    slices of the training patients (``baselines.fit_domain_baselines``). {(source, target): {name:
+    PairedDirection summary + fitted parameters}}; empty (with a note) when they cannot be fitted."""
+    from Training.data.dataset import DatasetError
+    from Training.evaluation.baselines import fit_domain_baselines
+    from Training.evaluation.metrics.paired import PairedDirection
+
+    try:
+        fitted, fitted_on = fit_domain_baselines(ts.root)
+    except DatasetError as exc:
+        notes.append(f"no classical baselines: {exc}")
+        return {}
+    notes.append(f"classical baselines (linear transfer filter, best Gaussian blur) fitted on {fitted_on}")
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for (s, t), items in fitted.items():
+        if s not in ts.slices or t not in ts.slices:
+            continue
+        for base in items:
+            acc = PairedDirection(ts.spec.pixel_spacing_mm, ts.spec.hu_window)
+            for _, chunk in _chunks(ts.slices[s]):
+                src_hu = ts.to_hu(ts.canvases(chunk))
+                for a, b, truth in zip(src_hu, base.apply(src_hu), _true_targets(ts, chunk, t), strict=True):
+                    if truth is not None:
+                        acc.add(a, b, truth)
+            summary = acc.summary()
+            summary.pop("nps", None)
+            out.setdefault((s, t), {})[base.name] = {**summary, "fitted_params": base.params}
+    return out
 
 
 def _provenance(run: _Run, max_slices_per_domain: int | None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from TextureStarGANCore.domains import Domain
 from TextureStarGANCore.model_file import (
     DEFAULT_NUM_LATENTS,
     compute_domain_styles,
+    load_model_file,
     make_model_card,
     save_model_file,
     weights_from_networks,
@@ -93,8 +94,12 @@ def export_model(
     metrics: Mapping[str, Any] | None = None,
     num_latents: int = DEFAULT_NUM_LATENTS,
     style_seed: int = 0,
+    transfer_filters: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the model file from EMA networks (used by the CLI below and by the trainer's snapshots)."""
+    """Write the model file from EMA networks (used by the CLI below and by the trainer's snapshots).
+
+    ``transfer_filters``: optional card entries from ``trainer.transfer_filters.fit_domain_filters``.
+    """
     try:
         domains = [Domain.from_dict(d) for d in run_info["domains"]]
         spec = PreprocessSpec.from_dict(run_info["preprocessing"])
@@ -124,6 +129,7 @@ def export_model(
         style_seed=style_seed,
         metrics=metrics,
         intended_use=SIMULATED_USE if simulated else RESEARCH_USE,
+        transfer_filters=transfer_filters,
     )
     weights = weights_from_networks({k: ema[k] for k in ("generator", "mapping_network", "style_encoder")})
     return save_model_file(out, config=model_config, weights=weights, domain_styles=styles, card=card)
@@ -131,7 +137,7 @@ def export_model(
 
 def export_checkpoint(
     checkpoint: Path, out: Path, *, run_dir: Path | None = None, num_latents: int = DEFAULT_NUM_LATENTS,
-    style_seed: int = 0,
+    style_seed: int = 0, transfer_filters: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Export the EMA weights of one training checkpoint."""
     state = load_checkpoint(checkpoint)
@@ -147,4 +153,21 @@ def export_checkpoint(
         out, ema=ema, model_config=model_config, iteration=iteration, texture_loss="texture" in state,
         run_info=state.get("run_info", {}), train_config=state["config"],
         metrics=latest_metrics(run_dir, iteration), num_latents=num_latents, style_seed=style_seed,
+        transfer_filters=transfer_filters,
     )
+
+
+def amend_model_card(
+    path: Path, out: Path, *, metrics: Mapping[str, Any] | None = None,
+    transfer_filters: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Rewrite a model file with card additions (extra ``metrics`` keys, ``transfer_filters``); the
+    weights, styles and every other card field stay exactly as they were (the weights checksum too)."""
+    mf = load_model_file(path)
+    card = dict(mf.card)
+    if metrics:
+        card["metrics"] = {**card.get("metrics", {}), **metrics}
+    if transfer_filters is not None:
+        card["transfer_filters"] = [dict(e) for e in transfer_filters]
+    weights = {f"{net}.{k}": v for net, sd in mf.state_dicts.items() for k, v in sd.items()}
+    return save_model_file(out, config=mf.config, weights=weights, domain_styles=mf.domain_styles, card=card)

@@ -25,6 +25,8 @@ ROI_MM = 24.0  # ROI side for the NPS
 SOFT_TISSUE_HU = (-300.0, 300.0)  # uniform-region test on the smoothed true image
 UNIFORM_RANGE_HU = 80.0  # max - min of the smoothed truth across an ROI
 MAX_ROIS_PER_SLICE = 8
+# Real-pair RMSE window: air to dense soft tissue; bone and metal above it would dominate the error.
+RMSE_WINDOW_HU = (-1024.0, 600.0)
 
 
 def psnr_ssim(
@@ -44,6 +46,28 @@ def psnr_ssim(
     psnr = float("inf") if mse == 0 else 10.0 * np.log10(rng * rng / mse)
     _, smap = structural_similarity(p, t, data_range=rng, full=True)
     return psnr, float(smap[mask].mean())
+
+
+def rmse_hu(
+    pred_hu: np.ndarray,
+    truth_hu: np.ndarray,
+    mask: np.ndarray,
+    hu_window: tuple[float, float] = RMSE_WINDOW_HU,
+) -> float:
+    """Root-mean-square HU difference inside ``mask`` after clipping both images to ``hu_window``."""
+    lo, hi = hu_window
+    p = np.clip(np.asarray(pred_hu, np.float64), lo, hi)
+    t = np.clip(np.asarray(truth_hu, np.float64), lo, hi)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and truth shapes differ: {p.shape} vs {t.shape}")
+    m = np.asarray(mask, bool)
+    return float(np.sqrt(np.mean((p[m] - t[m]) ** 2))) if m.any() else float("nan")
+
+
+def nps_distance(nps: np.ndarray, reference_nps: np.ndarray) -> float:
+    """Relative L2 distance between two radial NPS curves on the same frequency bins."""
+    ref = np.asarray(reference_nps, np.float64)
+    return float(np.linalg.norm(np.asarray(nps, np.float64) - ref) / max(float(np.linalg.norm(ref)), 1e-12))
 
 
 def roi_size(spacing_mm: float, canvas: int) -> int:
@@ -128,9 +152,8 @@ class PairedDirection:
             k: measure_nps(np.concatenate(v), self.spacing_mm, detrend="plane") for k, v in self.rois.items()
         }
         ref = curves["target"].nps
-        norm = max(float(np.linalg.norm(ref)), 1e-12)
-        out["nps_distance_before"] = float(np.linalg.norm(curves["source"].nps - ref) / norm)
-        out["nps_distance_after"] = float(np.linalg.norm(curves["harmonized"].nps - ref) / norm)
+        out["nps_distance_before"] = nps_distance(curves["source"].nps, ref)
+        out["nps_distance_after"] = nps_distance(curves["harmonized"].nps, ref)
         out["nps"] = {
             "freq_per_mm": curves["target"].freq.tolist(),
             **{k: {"nps": c.nps.tolist(), **c.summary()} for k, c in curves.items()},

@@ -103,6 +103,13 @@ def build_tables(results: dict) -> dict[str, tuple[list[str], list[list[Any]]]]:
                 header.append(f"{k} {lab}")
                 for r, p in zip(rows, pairs, strict=True):
                     r.append(results["pairs"][p]["paired"]["models"][lab]["mean"][f"{k}_after"])
+            # The classical baseline fitted on the training patients, scored on the same test slices.
+            name = "linear filter"
+            if any(name in results["pairs"][p]["paired"].get("baselines", {}) for p in pairs):
+                header.append(f"{k} baseline: {name}")
+                for r, p in zip(rows, pairs, strict=True):
+                    b = results["pairs"][p]["paired"].get("baselines", {}).get(name)
+                    r.append(b["mean"][f"{k}_after"] if b else None)
         tables["paired"] = (header, with_mean(rows))
     if "clinical" in first:
         header, rows = _clinical_table(results, labels, pairs)
@@ -152,7 +159,8 @@ TABLE_TITLES = {
     "frd": "Frechet Radiomic Distance before and after harmonization (lower is better)",
     "structure": "Structure preservation inside the lungs, harmonized vs its own input (1 = identical)",
     "paired": "Paired ground truth (simulated): PSNR [dB] / SSIM vs the true target-kernel slice (higher is "
-    "better), NPS distance (relative L2, lower is better)",
+    "better), NPS distance (relative L2, lower is better); 'baseline: linear filter' = the classical linear "
+    "kernel-transfer filter fitted on the training patients",
     "clinical": "Clinical quantities vs the true target-kernel slice (simulated): absolute Bland-Altman mean "
     "difference of %LAA-950 and PD15 (lower is better), % of radiomic features with CCC >= 0.85 "
     "(higher is better); mean of both directions",

@@ -1,0 +1,69 @@
+"""Validation on real paired reconstructions (one acquisition, two kernels): model vs classical baselines.
+
+    python -m Training.validate_real --pair SHARP_DIR SMOOTH_DIR [--pair ...] --out DIR [--model M]
+        [--compare M2] [--slices A:B] [--fit-slices A:B] [--target-smooth K --target-sharp K]
+
+Baselines (identity, best Gaussian blur, linear kernel-transfer filter) are fitted on --fit-slices (default
+the first half), every method is scored on --slices (default the second half). The work is
+``Training.evaluation.validate_real``; this module parses arguments and shows progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from Training.command import run_command
+from Training.evaluation.validate_real import ValidationError, validate_real
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m Training.validate_real", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pair", nargs=2, action="append", required=True, metavar=("SHARP_DIR", "SMOOTH_DIR"),
+                   help="DICOM folders of the sharp and the smooth reconstruction of one acquisition "
+                        "(repeatable)")
+    p.add_argument("--out", required=True, help="output folder (results.json, table.csv, report.md, PNGs)")
+    p.add_argument("--model", default=None, help="model file (.safetensors); default: the bundled model")
+    p.add_argument("--compare", default=None, help="second model scored side by side")
+    p.add_argument("--slices", default=None, help="evaluated slices A:B (0-based, B exclusive; default "
+                                                  "the second half)")
+    p.add_argument("--fit-slices", default=None, help="slices the baselines are fitted on (default the "
+                                                      "first half); must not overlap --slices")
+    p.add_argument("--target-smooth", default=None,
+                   help="model domain for the smooth series when the model does not recognise its kernel")
+    p.add_argument("--target-sharp", default=None,
+                   help="model domain for the sharp series when the model does not recognise its kernel")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code, summary = run_command(
+        lambda progress: validate_real(
+            [tuple(p) for p in args.pair], args.out, model=args.model, compare=args.compare,
+            slices=args.slices, fit_slices=args.fit_slices, target_smooth=args.target_smooth,
+            target_sharp=args.target_sharp, device=args.device, overwrite=args.overwrite, progress=progress,
+        ),
+        desc="validate", unit="step", errors=(ValidationError,),
+        interrupted="interrupted; nothing was written",
+    )
+    if summary is None:
+        return code
+    for pair in summary["pairs"]:
+        for res in pair["directions"].values():
+            v = res["verdict"]
+            for name, r in v.items():
+                if name != "best_baseline":
+                    print(f"{pair['pair']} {res['source_kernel']} -> {res['target_kernel']}: {name} "
+                          f"beats the best baseline ({v['best_baseline']}) on RMSE and NPS: "
+                          f"{'yes' if r['beats_best_baseline'] else 'no'}")
+        print(f"{pair['pair']}: {pair['seconds']['total']:.1f} s")
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
