@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .volume_io import VOLUME_SUFFIXES, InputError, list_dicom_series
+from .volume_io import VOLUME_SUFFIXES, InputError, dicom_text, list_dicom_series
 
 __all__ = [
     "MAX_OBLIQUE_DEG",
@@ -44,16 +44,6 @@ _MODALITY_NAMES = {
     "RTDOSE": "RT dose", "RTPLAN": "RT plan", "PR": "presentation state", "KO": "key object selection",
     "DOC": "document", "OT": "other",
 }
-
-
-def dicom_text(ds: Any, name: str) -> str:
-    """A tag as text ('' when missing); multi-values joined by a backslash."""
-    value = ds.get(name)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
 
 
 def dicom_floats(ds: Any, name: str) -> list[float]:

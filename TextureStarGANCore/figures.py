@@ -231,7 +231,7 @@ def save_comparison_png(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from .fileio import atomic_output
+    from .fileio import write_figure_png
 
     images, titles = _as_images(before_hu, after_hu, titles)
     before = images[0]
@@ -280,9 +280,5 @@ def save_comparison_png(
     if suptitle:
         fig.suptitle(suptitle, color=_FG, fontsize=12)
     out = Path(path)
-    try:
-        with atomic_output(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, facecolor=_BG)
-    finally:
-        plt.close(fig)
+    write_figure_png(fig, out, dpi=dpi, facecolor=_BG)
     return out

@@ -162,3 +162,15 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Itera
     writer.writerow(header)
     writer.writerows(rows)
     return write_text_atomic(path, buf.getvalue())
+
+
+def write_figure_png(fig: Any, path: str | os.PathLike, *, dpi: int = 110, **savefig: Any) -> Path:
+    """Save a matplotlib figure as a PNG atomically and close it (also when saving fails)."""
+    import matplotlib.pyplot as plt  # imported on use: the engine loads without matplotlib
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png", **savefig)
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -257,13 +257,14 @@ def _check_modality(modality: str, where: str) -> None:
 # DICOM
 # --------------------------------------------------------------------------------------------------
 
-def _tag_text(ds: Any, name: str) -> str:
+def dicom_text(ds: Any, name: str) -> str:
+    """A tag as text ('' when missing); multi-values joined by a backslash."""
     value = ds.get(name)
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
-    return str(value)
+    return str(value).strip()
 
 
 def _read_header(path: Path) -> Any | None:
@@ -302,11 +303,11 @@ def list_dicom_series(folder: str | os.PathLike) -> list[SeriesSummary]:
         first = items[0][1]
         out.append(SeriesSummary(
             series_uid=uid,
-            description=_tag_text(first, "SeriesDescription"),
-            modality=_tag_text(first, "Modality"),
-            manufacturer=_tag_text(first, "Manufacturer"),
-            model=_tag_text(first, "ManufacturerModelName"),
-            kernel=_tag_text(first, "ConvolutionKernel"),
+            description=dicom_text(first, "SeriesDescription"),
+            modality=dicom_text(first, "Modality"),
+            manufacturer=dicom_text(first, "Manufacturer"),
+            model=dicom_text(first, "ManufacturerModelName"),
+            kernel=dicom_text(first, "ConvolutionKernel"),
             files=[p for p, _ in items],
             has_pixels=any("Rows" in ds for _, ds in items),
         ))
@@ -394,10 +395,10 @@ def read_dicom_files(files: Sequence[str | os.PathLike], where: str | None = Non
                 ds = pydicom.dcmread(path)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"cannot read DICOM file {path}: {exc}") from exc
-        if not _tag_text(ds, "Modality"):
+        if not dicom_text(ds, "Modality"):
             raise InputError(f"{path} has no Modality tag, so it cannot be confirmed as CT; only CT images "
                              "can be harmonized (add Modality=CT if it is CT).")
-        _check_modality(_tag_text(ds, "Modality"), str(path))
+        _check_modality(dicom_text(ds, "Modality"), str(path))
         if "PixelData" not in ds:
             raise InputError(f"{path} holds no image (no Pixel Data); point to a CT image series.")
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -481,7 +482,7 @@ def read_dicom_files(files: Sequence[str | os.PathLike], where: str | None = Non
                          f"a DICOM output keeps every slice's position; a volume file uses {dz:.2f} mm.")
     return CTVolume(
         hu=hu, spacing=spacing, origin=tuple(float(v) for v in ipp[order][0]), direction=direction,
-        stored_dtype=stored.dtype, tags={t: _tag_text(first, t) for t in _SUMMARY_TAGS if t in first},
+        stored_dtype=stored.dtype, tags={t: dicom_text(first, t) for t in _SUMMARY_TAGS if t in first},
         dicom=series, source=Path(where), format="dicom", notes=notes,
     )
 
@@ -819,7 +820,7 @@ def _record_derivation(ds: Any, description: str) -> None:
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _DERIVATION_CODE
     ds.DerivationCodeSequence = [code]
     note = f"{description}; ConvolutionKernel is the kernel the scanner reconstructed with."
-    old = _tag_text(ds, "ImageComments")
+    old = dicom_text(ds, "ImageComments")
     ds.ImageComments = (note + (f" {old}" if old else ""))[:10240]  # LT
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from TextureStarGANCore.fileio import atomic_output, write_json_atomic, write_text_atomic
+from TextureStarGANCore.fileio import write_figure_png, write_json_atomic, write_text_atomic
 from TextureStarGANCore.masks import body_mask
 from Training.evaluation.metrics.radiomics_features import MIN_MASK_PIXELS, feature_names, slice_features
 
@@ -183,11 +183,7 @@ def _plot_embedding(path: Path, emb: np.ndarray, domains: list[str], explained: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    write_figure_png(fig, path)
 
 
 def _csv_text(rows: list[dict]) -> str:

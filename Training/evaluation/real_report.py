@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from TextureStarGANCore.figures import LUNG_WINDOW, SOFT_TISSUE_WINDOW, choose_rois
-from TextureStarGANCore.fileio import atomic_output, write_csv_atomic, write_json_atomic, write_text_atomic
+from TextureStarGANCore.fileio import (
+    write_csv_atomic,
+    write_figure_png,
+    write_json_atomic,
+    write_text_atomic,
+)
 from Training.simulator.nps import plot_nps
 
 COLUMNS = ("rmse_hu", "psnr_db", "ssim", "hp_noise_hu", "hp_gap_closed", "nps_distance",
@@ -168,11 +173,7 @@ def images_png(path: Path, pair: dict[str, Any], d: str, res: dict[str, Any]) ->
     fig.suptitle(f"{pair['pair']}: {res['source_kernel']} -> {res['target_kernel']}, slice {slice_no}",
                  fontsize=10)
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.25 / n))
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-    finally:
-        plt.close(fig)
+    write_figure_png(fig, path, dpi=80)
 
 
 def nps_png(path: Path, pair: dict[str, Any], res: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from TextureStarGANCore.fileio import atomic_output, write_text_atomic
+from TextureStarGANCore.fileio import write_figure_png, write_text_atomic
 
 __all__ = ["NPSResult", "nps_2d", "radial_nps", "measure_nps", "noise_rois", "write_nps_csv", "plot_nps"]
 
@@ -157,9 +157,5 @@ def plot_nps(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    write_figure_png(fig, path)
     return path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from TextureStarGANCore.fileio import write_csv_atomic, write_json_atomic, write_text_atomic
+from TextureStarGANCore.fileio import write_csv_atomic, write_figure_png, write_json_atomic, write_text_atomic
 from Training.simulator import anatomy as A
 from Training.simulator.catalogue import catalogue_kernel
 from Training.simulator.measure import NoiseFigures, highpass_noise_sd, measure_slices, soft_tissue_mask
@@ -231,7 +231,6 @@ def example_figure(root: Path, path: Path, slice_index: int = 20) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from TextureStarGANCore.fileio import atomic_output
     from TextureStarGANCore.volume_io import read_volume
     from Training.simulator.catalogue import select
     from Training.simulator.simulate_anatomy import resample_object
@@ -264,11 +263,7 @@ def example_figure(root: Path, path: Path, slice_index: int = 20) -> Path | None
         fontsize=10,
     )
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=60, format="png")
-    finally:
-        plt.close(fig)
+    write_figure_png(fig, path, dpi=60)
     return path
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from TextureStarGANCore.fileio import atomic_output
+from TextureStarGANCore.fileio import write_figure_png
 from Training.evaluation.metrics.clinical import BLAND_ALTMAN_QUANTITIES
 from Training.evaluation.metrics.lung_density import QUANTITIES, QUANTITY_LABELS
 from Training.evaluation.metrics.radiomic_reproducibility import CCC_REPRODUCIBLE, FEATURE_CLASSES
@@ -128,13 +128,8 @@ def clinical_summary(res: dict) -> dict[str, dict[str, float | None]]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
 
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    write_figure_png(fig, path)
     return path
 
 
