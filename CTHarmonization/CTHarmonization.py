@@ -52,7 +52,8 @@ Harmonizes CT reconstruction kernels with a texture-aware StarGAN v2: the input 
 by slice, to the look of the chosen target kernel (for example GE BONE to Siemens B30f), so that texture
 (radiomic) features agree across scanners. Choose the input, the target kernel and press Harmonize; the
 result is a new volume with the input's geometry, shown next to the input in linked views with a zoomed
-region of interest that follows the ROI. Research use only, not for diagnosis.
+region of interest that follows the ROI. Method 'Linear transfer filter' applies the model file's fitted
+filter for the kernel pair instead of the network (CPU, no GPU needed). Research use only, not for diagnosis.
 """)
         self.parent.acknowledgementText = _("""
 Method: texture-aware StarGAN v2 for CT kernel harmonization. Built on 3D Slicer and PyTorch.

@@ -1,8 +1,10 @@
 """The harmonization job, defined once: its fields, its folder, its errors and its cancellation.
 
 A job is what the engine needs, copied out of MRML by `logic.prepareHarmonization` on the main thread; it
-never touches MRML itself. It runs in this process (`HarmonizationJob.run`, scripts and tests) or in the
-GUI's child process (`worker`), which exchanges it through a job folder:
+never touches MRML itself. Its `method` says how: the network (`inference.Harmonizer`, cached per model and
+device) or the model file's fitted linear transfer filter for the (source, target) pair
+(`filter_method.FilterHarmonizer`). It runs in this process (`HarmonizationJob.run`, scripts and tests) or
+in the GUI's child process (`worker`), which exchanges it through a job folder:
 
     job.json + input.npy (+ reference.npy)   written by the parent (`saveJob`)
     progress.txt ("done total")              written by the child after each batch, best effort
