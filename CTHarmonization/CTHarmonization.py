@@ -18,6 +18,7 @@ import qt
 import slicer
 import vtk
 from CTHarmonizationLib import dependencies, ensureEnginePath
+from CTHarmonizationLib.job import METHOD_FILTER, METHOD_MODEL
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -51,7 +52,8 @@ Harmonizes CT reconstruction kernels with a texture-aware StarGAN v2: the input 
 by slice, to the look of the chosen target kernel (for example GE BONE to Siemens B30f), so that texture
 (radiomic) features agree across scanners. Choose the input, the target kernel and press Harmonize; the
 result is a new volume with the input's geometry, shown next to the input in linked views with a zoomed
-region of interest that follows the ROI. Research use only, not for diagnosis.
+region of interest that follows the ROI. Method 'Linear transfer filter' applies the model file's fitted
+filter for the kernel pair instead of the network (CPU, no GPU needed). Research use only, not for diagnosis.
 """)
         self.parent.acknowledgementText = _("""
 Method: texture-aware StarGAN v2 for CT kernel harmonization. Built on 3D Slicer and PyTorch.
@@ -71,6 +73,7 @@ class CTHarmonizationParameterNode:
     modelPath: str = ""  # empty: the bundled default model
     targetKernel: str = ""
     sourceKernel: str = DETECT_SOURCE
+    method: str = METHOD_MODEL  # or METHOD_FILTER: the model file's linear transfer filter for the pair
     device: str = "auto"
     showDifference: bool = False
 
@@ -119,6 +122,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.targetKernelComboBox.connect("currentIndexChanged(int)", self.onCombosChanged)
         self.ui.sourceKernelComboBox.connect("currentIndexChanged(int)", self.onCombosChanged)
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onCombosChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onCombosChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.showComparisonButton.connect("clicked(bool)", self.onShowComparison)
@@ -129,6 +133,10 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollWorker)
 
+        self._fillCombo(self.ui.methodComboBox, [
+            (METHOD_MODEL, _("Network model (texture-aware StarGAN)")),
+            (METHOD_FILTER, _("Linear transfer filter (fitted per kernel pair, CPU)")),
+        ])
         self._missing = dependencies.missingDependencies()  # before the parameter node may load a model
         self.initializeParameterNode()
         self.refreshDependencies()
@@ -196,7 +204,9 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.loadModelCard()  # another model: other kernels
                 self._select(self.ui.targetKernelComboBox, node.targetKernel)
                 self._select(self.ui.sourceKernelComboBox, node.sourceKernel)
+                self._select(self.ui.methodComboBox, node.method)
                 self._select(self.ui.deviceComboBox, node.device)
+                self.ui.deviceComboBox.enabled = node.method != METHOD_FILTER  # the filter runs on the CPU
             finally:
                 self._updatingGui = previous
         self._updateButtons()
@@ -210,6 +220,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         for combo, name in ((self.ui.targetKernelComboBox, "targetKernel"),
                             (self.ui.sourceKernelComboBox, "sourceKernel"),
+                            (self.ui.methodComboBox, "method"),
                             (self.ui.deviceComboBox, "device")):
             # Only the changed value: each write makes updateGuiFromParameterNode show all values again.
             if combo.currentIndex >= 0 and combo.currentData != getattr(self._parameterNode, name):
@@ -345,7 +356,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             job = logic.prepareHarmonization(
                 node.inputVolume, node.targetKernel, node.sourceKernel or None, node.modelPath or None,
-                node.device, referenceNode=node.referenceVolume,
+                node.device, referenceNode=node.referenceVolume, method=node.method,
             )
         except logic.HarmonizationInputError as exc:
             slicer.util.errorDisplay(str(exc), windowTitle=_("CT Harmonization"))
@@ -379,8 +390,12 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tracker = logic.ProgressTracker()
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.setRange(0, 0)  # busy until the first batch reports
-        self.ui.statusLabel.text = _("Harmonizing {name}: {source} -> {target} on {device}...").format(
-            name=job.inputName, source=job.source.name, target=job.target.name, device=job.device)
+        if job.method == METHOD_FILTER:
+            how = _("with the linear transfer filter")
+        else:
+            how = _("on {device}").format(device=job.device)
+        self.ui.statusLabel.text = _("Harmonizing {name}: {source} -> {target} {how}...").format(
+            name=job.inputName, source=job.source.name, target=job.target.name, how=how)
         self._timer.start()
         self._updateButtons()
 
@@ -448,10 +463,14 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._parameterNode is not None:
             self._parameterNode.lastOutputVolume = output
-        self.ui.statusLabel.text = _("Done in {seconds} s: '{name}' ({source} -> {target}, {device}, {style} "
-                                     "style).").format(
+        if job.method == METHOD_FILTER:
+            how = _("linear transfer filter")
+        else:
+            how = _("{device}, {style} style").format(device=job.runInfo.get("device", job.device),
+                                                       style=job.runInfo.get("style", "domain"))
+        self.ui.statusLabel.text = _("Done in {seconds} s: '{name}' ({source} -> {target}, {how}).").format(
             seconds=f"{elapsed:.0f}", name=output.GetName(), source=job.source.name, target=job.target.name,
-            device=job.runInfo.get("device", job.device), style=job.runInfo.get("style", "domain"))
+            how=how)
         self.onShowComparison()
 
     # ------------------------------------------------------------------ comparison

@@ -81,6 +81,7 @@ def test_cli_method_filter_refuses_a_pair_without_a_fitted_filter(model_with_fil
     err = capsys.readouterr().err
     assert rc == 2
     assert "no fitted transfer filter for STANDARD -> B30f" in err and "BONE -> B30f" in err
+    assert "Use --method model for this pair." in err
     assert not out.exists()
 
 

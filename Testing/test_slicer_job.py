@@ -65,7 +65,7 @@ def test_job_folder_round_trip_keeps_every_field(scene, model_path, tmp_path):
     jobfiles.saveJob(job, tmp_path)
     loaded = jobfiles.loadJob(tmp_path)
     for name in ("device", "sourceFoundBy", "inputNodeID", "inputName", "spacing", "parentTransformID",
-                 "referenceName"):
+                 "method", "referenceName"):
         assert getattr(loaded, name) == getattr(job, name), name
     assert (loaded.target.name, loaded.source.name) == (job.target.name, job.source.name)
     assert loaded.model.path == job.model.path
@@ -73,7 +73,50 @@ def test_job_folder_round_trip_keeps_every_field(scene, model_path, tmp_path):
     np.testing.assert_array_equal(loaded.ijkToRas, job.ijkToRas)
     np.testing.assert_array_equal(loaded.reference[0], job.reference[0])
     assert loaded.reference[1] == job.reference[1] == (0.6, 0.6, 3.0)
-    assert loaded.result is None and loaded.runInfo == {}
+    assert loaded.result is None and loaded.runInfo == {} and loaded.method == "model"
+
+
+def test_filter_method_crosses_the_job_folder_and_runs_the_filter(scene, tmp_path):
+    """Method 'filter' is a job field: saved, loaded and used by the child's side (runJobFolder) to build
+    the FilterHarmonizer of the bundled model's fitted BONE -> B30f filter instead of the network."""
+    from TextureStarGANCore.filter_method import FilterHarmonizer
+
+    node = add_volume(scene, body_phantom(slices=3, size=64), name="bone")
+    job = logic.prepareHarmonization(node, "B30f", "BONE", device="cpu", method="filter")
+    assert job.method == jobfiles.METHOD_FILTER
+    jobfiles.saveJob(job, tmp_path)
+    assert json.loads((tmp_path / jobfiles.JOB).read_text())["method"] == "filter"
+    assert jobfiles.loadJob(tmp_path).method == "filter"
+    assert jobfiles.runJobFolder(tmp_path) == jobfiles.EXIT_OK
+    finished = jobfiles.collectResult(job, tmp_path, jobfiles.EXIT_OK)
+    expected = FilterHarmonizer(job.model, job.source, job.target).harmonize(job.volume, job.spacing, "B30f")
+    np.testing.assert_array_equal(finished.result, expected)
+    assert finished.runInfo["method"] == "filter" and finished.runInfo["device"] == "cpu"
+    assert not np.array_equal(finished.result, job.volume)
+
+
+def test_a_pair_without_a_filter_in_the_child_is_an_input_error(scene, tmp_path):
+    """E.g. the model file was replaced between preparing and running: the child reports the engine's
+    NoFilterError as an input error naming the fitted pairs, not as a crash with a traceback."""
+    from TextureStarGANCore.transfer_filter import TransferFilter
+
+    blur = TransferFilter(np.array([0.0, 2.0]), np.array([1.0, 0.5]), "test")
+    path = make_model_file(tmp_path / "one_filter.safetensors", iterations=5, transfer_filters=[
+        {"source": "BONE", "target": "B30f", "filter": blur.to_dict(), "fitted_on": "test"}])
+    node = add_volume(scene, body_phantom(slices=2, size=64), name="standard")
+    job = logic.prepareHarmonization(node, "B30f", "BONE", path, "cpu", method="filter")
+    job.source = {d.name: d for d in job.model.domains}["STANDARD"]
+    folder = tmp_path / "job"
+    folder.mkdir()
+    jobfiles.saveJob(job, folder)
+    assert jobfiles.runJobFolder(folder) == jobfiles.EXIT_FAILED
+    report = json.loads((folder / jobfiles.ERROR).read_text())
+    assert report["kind"] == "input" and "traceback" not in report
+    with pytest.raises(logic.HarmonizationInputError) as raised:
+        jobfiles.collectResult(job, folder, jobfiles.EXIT_FAILED)
+    message = str(raised.value)
+    assert "no fitted transfer filter for STANDARD -> B30f" in message and "BONE -> B30f" in message
+    assert "Choose 'Network model'" in message and "--method" not in message
 
 
 def test_child_process_gives_the_in_process_result(scene, model_path):

@@ -84,9 +84,10 @@ def test_output_has_input_geometry_attributes_and_input_is_untouched(scene, mode
     assert not np.array_equal(result, voxels)  # the generator changed the body
     assert seen and seen[-1] == (6, 6)
     attrs = {k: out.GetAttribute("CTHarmonization." + k) for k in
-             ("ModelFile", "ModelCardVersion", "SourceKernel", "TargetKernel", "SourceKernelFrom", "Device")}
+             ("ModelFile", "ModelCardVersion", "SourceKernel", "TargetKernel", "SourceKernelFrom", "Device",
+              "Method")}
     assert attrs == {"ModelFile": str(model_path), "ModelCardVersion": "1", "SourceKernel": "BONE",
-                     "TargetKernel": "B30f", "SourceKernelFrom": "chosen", "Device": "cpu"}
+                     "TargetKernel": "B30f", "SourceKernelFrom": "chosen", "Device": "cpu", "Method": "model"}
     # Same window/level as the input, so before/after are shown alike.
     assert out.GetDisplayNode().GetWindow() == pytest.approx(node.GetDisplayNode().GetWindow())
 
@@ -300,6 +301,68 @@ def test_model_card_summary_lists_kernels_and_warns_untrained(model_path):
     text = logic.modelCardSummary(logic.loadModel(model_path))
     assert "B30f" in text and "BONE" in text and "STANDARD" in text
     assert "untrained" in text
+    assert "Linear transfer filters (Method: linear transfer filter): none, network model only" in text
+    bundled = logic.modelCardSummary(logic.loadModel(None))
+    assert ("Linear transfer filters (Method: linear transfer filter): BONE -> B30f, B30f -> BONE, "
+            "STANDARD -> B30f, B30f -> STANDARD, BONE -> STANDARD, STANDARD -> BONE") in bundled
+
+
+# --------------------------------------------------------------------------------------------------
+# Method: linear transfer filter
+# --------------------------------------------------------------------------------------------------
+def test_filter_method_on_the_bundled_bone_sample(scene, repo_root):
+    """The bundled BONE series, kernel read from its DICOM tags, filtered to B30f with the bundled model's
+    fitted filter: the engine's FilterHarmonizer result, with the input's geometry, recorded as 'filter'."""
+    from TextureStarGANCore.filter_method import FilterHarmonizer
+
+    sample = repo_root / "TextureStarGANCore" / "samples" / "sim_bone_ct"
+    if not sample.is_dir():
+        pytest.skip("the bundled sample volume is not in this checkout")
+    db = FolderDicomDatabase(sorted(sample.glob("*.dcm")))
+    node = node_from_ct_volume(scene, read_volume(sample), name="sample")
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(db.uids))
+    before = voxels_of(node)
+    seen = []
+    out = logic.harmonizeVolumeNode(node, "B30f", dicomDatabase=db, method="filter",
+                                    progressCallback=lambda d, t: seen.append((d, t)))
+    model = logic.loadModel(None)
+    domains = {d.name: d for d in model.domains}
+    expected = FilterHarmonizer(model, domains["BONE"], domains["B30f"]).harmonize(
+        before, node.GetSpacing(), "B30f", source="BONE")
+    result = voxels_of(out)
+    np.testing.assert_array_equal(result, expected)
+    assert result.dtype == before.dtype and not np.array_equal(result, before)
+    np.testing.assert_array_equal(voxels_of(node), before)
+    assert seen[-1] == (before.shape[0], before.shape[0])
+    attrs = {k: out.GetAttribute("CTHarmonization." + k) for k in
+             ("Method", "SourceKernel", "SourceKernelFrom", "TargetKernel", "Device")}
+    assert attrs == {"Method": "filter", "SourceKernel": "BONE", "SourceKernelFrom": "DICOM",
+                     "TargetKernel": "B30f", "Device": "cpu"}
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(a)
+    out.GetIJKToRASMatrix(b)
+    np.testing.assert_allclose(matrix_array(b), matrix_array(a), atol=1e-9)
+
+
+def test_filter_method_refuses_an_unknown_source_a_pair_without_filter_and_a_reference(
+        scene, model_path, real_ct_dir):
+    node = add_volume(scene, body_phantom(4, 64))
+    bundled = None  # the bundled default model: filters for every pair of its kernels
+    # No DICOM kernel, no chosen source: say to choose the source kernel, and why the filter needs it.
+    _expect_refusal(scene, node, "no DICOM information.*Choose the source kernel.*transfer filter needs it",
+                    bundled, sourceKernel=None, method="filter")
+    # A kernel the model does not know (real GE STD+ series): the filter cannot guess it either.
+    db = FolderDicomDatabase(sorted(real_ct_dir.glob("*.dcm"))[:1])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(db.uids))
+    _expect_refusal(scene, node, r"STD\+.*Choose the closest source kernel.*linear transfer filter needs it",
+                    bundled, sourceKernel=None, dicomDatabase=db, method="filter")
+    # A pair without a fitted filter: the engine's message (the fitted pairs) as an input error.
+    _expect_refusal(scene, node, r"no fitted transfer filter for BONE -> B30f \(its filters: none\).*"
+                    "Choose 'Network model'", model_path, method="filter")
+    reference = add_volume(scene, body_phantom(4, 64, seed=2), name="B30f scan")
+    _expect_refusal(scene, node, "does not use a reference volume", bundled, referenceNode=reference,
+                    method="filter")
+    _expect_refusal(scene, node, "unknown method 'gan'", bundled, method="gan")
 
 
 def test_bundled_sample_is_detected_as_bone_and_harmonized(scene, model_path, repo_root):

@@ -124,6 +124,47 @@ def test_missing_packages_show_install_then_the_user_chooses_the_target(gui, mon
     assert ui.applyButton.enabled
 
 
+def test_method_choice_is_bound_both_ways_and_the_card_lists_the_filters(gui):
+    widget, scene, _deps, _worker = gui
+    widget.setup()
+    ui, node = widget.ui, widget._parameterNode
+    assert [data for _text, data in ui.methodComboBox.items] == ["model", "filter"]
+    assert node.method == "model" and ui.methodComboBox.currentData == "model" and ui.deviceComboBox.enabled
+    assert "Linear transfer filters (Method: linear transfer filter): BONE -> B30f" in ui.modelCardLabel.text
+    ui.methodComboBox.choose("filter")  # GUI -> node
+    assert node.method == "filter" and not ui.deviceComboBox.enabled  # the filter runs on the CPU
+    node.method = "model"  # node -> GUI (e.g. a loaded scene)
+    assert ui.methodComboBox.currentData == "model" and ui.deviceComboBox.enabled
+    node.method = "filter"
+    scene.Clear(0)  # File > Close Scene: back to the network model
+    assert widget._parameterNode.method == "model" and ui.methodComboBox.currentData == "model"
+
+
+def test_a_filter_run_through_the_widget_and_a_refused_pair(gui, tmp_path):
+    from model_factory import make_model_file
+
+    widget, scene, _deps, _worker = gui
+    widget.setup()
+    node = choose(widget, scene)
+    widget.ui.methodComboBox.choose("filter")
+    widget.onApplyButton()
+    assert widget.ui.statusLabel.text.endswith("with the linear transfer filter...")
+    poll_until_done(widget)
+    assert not widget.errors, widget.errors
+    output = widget._parameterNode.lastOutputVolume
+    assert output is not None and output.GetID() != node.GetID()
+    assert output.GetAttribute("CTHarmonization.Method") == "filter"
+    assert widget.ui.statusLabel.text.endswith("(BONE -> B30f, linear transfer filter).")
+    # A model file without filters: refused with the engine's message, nothing started.
+    widget._parameterNode.modelPath = str(make_model_file(tmp_path / "plain.safetensors", iterations=5))
+    assert "none, network model only" in widget.ui.modelCardLabel.text
+    widget.ui.targetKernelComboBox.choose("B30f")
+    widget.ui.sourceKernelComboBox.choose("BONE")
+    widget.onApplyButton()
+    assert widget._run is None and len(widget.errors) == 1
+    assert "no fitted transfer filter for BONE -> B30f" in widget.errors[0]
+
+
 def test_a_run_through_the_widget_adds_the_output(gui):
     widget, scene, _deps, _worker = gui
     widget.setup()

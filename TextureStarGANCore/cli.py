@@ -210,13 +210,16 @@ def _axial(volume: CTVolume) -> tuple[tuple[int, int, int], np.ndarray, tuple[fl
 
 
 def _filter_method(model: ModelFile, source: Domain | None, target: Domain) -> Any:
-    from .filter_method import FilterHarmonizer
+    from .filter_method import FilterHarmonizer, NoFilterError
 
     if source is None:
         raise _UsageError("--method filter needs the input's kernel to be one of the model's kernels (its "
                           "filters are fitted per pair of them); pass --source naming one, or use "
                           "--method model")
-    return FilterHarmonizer(model, source, target)  # NoFilterError (a ValueError) names the fitted pairs
+    try:
+        return FilterHarmonizer(model, source, target)
+    except NoFilterError as exc:  # names the fitted pairs
+        raise _UsageError(f"{exc} Use --method model for this pair.") from None
 
 
 def _check_can_write(args: argparse.Namespace, volume: CTVolume, kind: str) -> None:

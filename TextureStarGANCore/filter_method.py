@@ -44,7 +44,7 @@ class FilterHarmonizer:
                 raise NoFilterError(
                     f"model file {model_file.path.name} has no fitted transfer filter for {source.name} -> "
                     f"{target.name} (its filters: {pairs}); filters are fitted by Training.export on paired "
-                    "training data. Use --method model for this pair."
+                    "training data."  # each front end adds how to choose the network model instead
                 )
             self.filter = found
         self._domains = model_file.domains

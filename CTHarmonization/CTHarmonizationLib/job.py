@@ -1,8 +1,10 @@
 """The harmonization job, defined once: its fields, its folder, its errors and its cancellation.
 
 A job is what the engine needs, copied out of MRML by `logic.prepareHarmonization` on the main thread; it
-never touches MRML itself. It runs in this process (`HarmonizationJob.run`, scripts and tests) or in the
-GUI's child process (`worker`), which exchanges it through a job folder:
+never touches MRML itself. Its `method` says how: the network (`inference.Harmonizer`, cached per model and
+device) or the model file's fitted linear transfer filter for the (source, target) pair
+(`filter_method.FilterHarmonizer`). It runs in this process (`HarmonizationJob.run`, scripts and tests) or
+in the GUI's child process (`worker`), which exchanges it through a job folder:
 
     job.json + input.npy (+ reference.npy)   written by the parent (`saveJob`)
     progress.txt ("done total")              written by the child after each batch, best effort
@@ -42,6 +44,9 @@ __all__ = [
     "EXIT_CANCELLED",
     "EXIT_FAILED",
     "EXIT_OK",
+    "METHODS",
+    "METHOD_FILTER",
+    "METHOD_MODEL",
     "CancelFile",
     "HarmonizationCancelled",
     "HarmonizationError",
@@ -49,6 +54,7 @@ __all__ = [
     "HarmonizationOutOfMemoryError",
     "HarmonizationJob",
     "collectResult",
+    "filterHarmonizer",
     "getHarmonizer",
     "loadModel",
     "readProgress",
@@ -60,6 +66,10 @@ __all__ = [
 JOB, INPUT, REFERENCE, RESULT, RUN_INFO = "job.json", "input.npy", "reference.npy", "result.npy", "run.json"
 PROGRESS, CANCEL, ERROR, LOG = "progress.txt", "cancel", "error.json", "log.txt"
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2
+# How the job harmonizes: the network (`inference.Harmonizer`) or the model file's fitted linear
+# kernel-transfer filter for the (source, target) pair (`filter_method.FilterHarmonizer`, CPU, no network).
+METHOD_MODEL, METHOD_FILTER = "model", "filter"
+METHODS = (METHOD_MODEL, METHOD_FILTER)
 
 ProgressCallback = Callable[[int, int], Any]
 
@@ -208,6 +218,20 @@ def getHarmonizer(model: ModelFile, device: str) -> Any:
     return cached
 
 
+def filterHarmonizer(model: ModelFile, source: Domain, target: Domain) -> Any:
+    """A FilterHarmonizer for the pair (cheap: not cached). Raises HarmonizationInputError naming the
+    pairs that have a filter when this one has none."""
+    from TextureStarGANCore.filter_method import FilterHarmonizer, NoFilterError
+
+    try:
+        return FilterHarmonizer(model, source, target)
+    except NoFilterError as exc:
+        raise HarmonizationInputError(
+            f"The linear transfer filter cannot be used: {exc} Choose 'Network model' as the method for this "
+            "pair."
+        ) from None
+
+
 # --------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------
@@ -226,6 +250,7 @@ class HarmonizationJob:
     spacing: tuple[float, float, float]
     ijkToRas: np.ndarray
     parentTransformID: str | None
+    method: str = METHOD_MODEL  # one of METHODS
     reference: tuple[np.ndarray, tuple[float, float, float]] | None = None
     referenceName: str | None = None
     result: np.ndarray | None = field(default=None, repr=False)
@@ -234,7 +259,10 @@ class HarmonizationJob:
     def run(self, progressCallback: ProgressCallback | None = None, cancelEvent: Any = None) -> np.ndarray:
         """Harmonize the copied voxels (any thread or process). Raises HarmonizationCancelled,
         HarmonizationInputError (e.g. values that are not CT) or HarmonizationOutOfMemoryError."""
-        harmonizer = getHarmonizer(self.model, self.device)
+        if self.method == METHOD_FILTER:
+            harmonizer = filterHarmonizer(self.model, self.source, self.target)
+        else:
+            harmonizer = getHarmonizer(self.model, self.device)
         try:
             self.result = harmonizer.harmonize(
                 self.volume, self.spacing, self.target.name, source=self.source.name,
@@ -246,6 +274,7 @@ class HarmonizationJob:
                 raise
             raise translated from None
         self.runInfo = dict(harmonizer.last_run)
+        self.runInfo.setdefault("device", "cpu")  # the filter runs on the CPU and does not record it
         return self.result
 
 
@@ -262,7 +291,7 @@ def saveJob(job: HarmonizationJob, folder: Path) -> None:
         "modelPath": str(job.model.path), "device": job.device, "target": job.target.name,
         "source": job.source.name, "sourceFoundBy": job.sourceFoundBy, "inputNodeID": job.inputNodeID,
         "inputName": job.inputName, "spacing": list(job.spacing), "ijkToRas": job.ijkToRas.tolist(),
-        "parentTransformID": job.parentTransformID,
+        "parentTransformID": job.parentTransformID, "method": job.method,
         "referenceSpacing": list(job.reference[1]) if job.reference is not None else None,
         "referenceName": job.referenceName,
     }
@@ -282,7 +311,8 @@ def loadJob(folder: Path) -> HarmonizationJob:
         model=model, device=spec["device"], target=domains[spec["target"]], source=domains[spec["source"]],
         sourceFoundBy=spec["sourceFoundBy"], inputNodeID=spec["inputNodeID"], inputName=spec["inputName"],
         volume=np.load(folder / INPUT), spacing=tuple(spec["spacing"]), ijkToRas=np.array(spec["ijkToRas"]),
-        parentTransformID=spec["parentTransformID"], reference=reference, referenceName=spec["referenceName"],
+        parentTransformID=spec["parentTransformID"], method=spec["method"], reference=reference,
+        referenceName=spec["referenceName"],
     )
 
 

@@ -20,12 +20,16 @@ import numpy as np
 
 from . import ensureEnginePath
 from .job import (
+    METHOD_FILTER,
+    METHOD_MODEL,
+    METHODS,
     HarmonizationCancelled,
     HarmonizationError,
     HarmonizationInputError,
     HarmonizationJob,
     HarmonizationOutOfMemoryError,
     ProgressCallback,
+    filterHarmonizer,
     getHarmonizer,
     loadModel,
 )
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTRIBUTE_PREFIX",
+    "METHODS",
+    "METHOD_FILTER",
+    "METHOD_MODEL",
     "HarmonizationCancelled",
     "HarmonizationError",
     "HarmonizationInputError",
@@ -129,6 +136,8 @@ def modelCardSummary(model: ModelFile) -> str:
         f"canvas {model.preprocessing.canvas_size} px at {model.preprocessing.pixel_spacing_mm:g} mm",
         f"Training: {training.get('iterations', 0)} iterations on {training.get('data', 'unknown data')}"
         + (", texture loss" if training.get("texture_loss") else ""),
+        "Linear transfer filters (Method: linear transfer filter): "
+        + (", ".join(f"{a} -> {b}" for a, b in model.transfer_filter_pairs) or "none, network model only"),
     ]
     if not model.trained:
         lines.append("WARNING: untrained (random) weights, for tests only.")
@@ -305,9 +314,12 @@ def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any 
 
 
 def _resolveSource(
-    node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any
+    node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any, method: str
 ) -> tuple[Domain, str]:
     """The source domain and how it was found ('chosen' or 'DICOM')."""
+    # The filter exists only per pair of the model's kernels: an unknown source cannot be filtered.
+    why = (" The linear transfer filter needs it: its filters are fitted per pair of the model's kernels."
+           if method == METHOD_FILTER else "")
     if sourceKernel not in (None, ""):
         try:
             return resolve_domain(domains, sourceKernel), "chosen"
@@ -318,7 +330,7 @@ def _resolveSource(
         raise HarmonizationInputError(
             f"The input {_nodeLabel(node)} has no DICOM information telling its reconstruction kernel "
             "(it was not loaded through the DICOM module, or its files left the DICOM database). "
-            "Choose the source kernel yourself from the list."
+            "Choose the source kernel yourself from the list." + why
         )
     modality = tags.get("Modality", "")
     if modality and modality.upper() != "CT":
@@ -333,7 +345,7 @@ def _resolveSource(
         raise HarmonizationInputError(
             f"The input's kernel '{tags['ConvolutionKernel']}' ({scanner or 'unknown scanner'}) is not one "
             f"this model knows ({describe_domains(domains)}). Choose the closest source kernel yourself, or "
-            "use a model trained with this kernel."
+            "use a model trained with this kernel." + why
         )
     return domain, "DICOM"
 
@@ -350,8 +362,18 @@ def prepareHarmonization(
     referenceNode: Any = None,
     dicomDatabase: Any = None,
     allowUntrained: bool = False,
+    method: str = METHOD_MODEL,
 ) -> HarmonizationJob:
-    """Check the inputs and copy what the engine needs out of MRML (main thread)."""
+    """Check the inputs and copy what the engine needs out of MRML (main thread).
+
+    `method` is 'model' (the network) or 'filter' (the model file's fitted linear transfer filter for the
+    source/target pair: the source must be one of the model's kernels, and no reference volume is used).
+    """
+    if method not in METHODS:
+        raise HarmonizationInputError(
+            f"Method: unknown method '{method}'. Choose '{METHOD_MODEL}' (network model) or "
+            f"'{METHOD_FILTER}' (linear transfer filter)."
+        )
     _checkVolumeNode(inputNode, "input volume")
     if referenceNode is not None:
         _checkVolumeNode(referenceNode, "reference volume")
@@ -359,6 +381,11 @@ def prepareHarmonization(
             raise HarmonizationInputError(
                 "The reference volume is the input itself. The reference must be a scan reconstructed with "
                 "the target kernel; leave it empty to use the model's stored target style."
+            )
+        if method == METHOD_FILTER:
+            raise HarmonizationInputError(
+                "The linear transfer filter does not use a reference volume (its filter is fixed per kernel "
+                "pair). Clear the reference, or choose 'Network model' as the method to use its style."
             )
     model = loadModel(modelPath)
     if not model.trained and not allowUntrained:
@@ -370,12 +397,14 @@ def prepareHarmonization(
         target = resolve_domain(model.domains, targetKernel)
     except UnknownDomainError as exc:
         raise HarmonizationInputError(f"Target kernel: {exc}") from None
-    source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase)
+    source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase, method)
     if source.id == target.id:
         raise HarmonizationInputError(
             f"The input already has the target kernel {target.name} ({foundBy.lower()} source kernel). "
             "Choose a different target kernel."
         )
+    if method == METHOD_FILTER:
+        filterHarmonizer(model, source, target)  # refuse a pair without a fitted filter before copying
     reference = None
     if referenceNode is not None:
         reference = (_voxelCopy(referenceNode), tuple(float(s) for s in referenceNode.GetSpacing()))
@@ -383,7 +412,7 @@ def prepareHarmonization(
         model=model, device=device, target=target, source=source, sourceFoundBy=foundBy,
         inputNodeID=inputNode.GetID(), inputName=inputNode.GetName() or "CT",
         volume=_voxelCopy(inputNode), spacing=tuple(float(s) for s in inputNode.GetSpacing()),
-        ijkToRas=_ijkToRas(inputNode), parentTransformID=inputNode.GetTransformNodeID(),
+        ijkToRas=_ijkToRas(inputNode), parentTransformID=inputNode.GetTransformNodeID(), method=method,
         reference=reference, referenceName=referenceNode.GetName() if referenceNode is not None else None,
     )
 
@@ -438,6 +467,7 @@ def finishHarmonization(job: HarmonizationJob, scene: Any, outputNode: Any = Non
         "SourceKernel": job.source.name,
         "SourceKernelFrom": job.sourceFoundBy,
         "TargetKernel": job.target.name,
+        "Method": job.method,
         "Style": "reference" if job.reference is not None else "domain",
         "ReferenceVolume": job.referenceName or "",
         "InputVolume": job.inputName,
@@ -493,17 +523,21 @@ def harmonizeVolumeNode(
     referenceNode: Any = None,
     dicomDatabase: Any = None,
     allowUntrained: bool = False,
+    method: str = METHOD_MODEL,
 ) -> Any:
     """Harmonize `inputNode` to `targetKernel` and return the output scalar volume node.
 
     The output has the input's IJK-to-RAS matrix, parent transform, window/level, a name naming the target
-    kernel and `CTHarmonization.*` attributes recording the model file, model card version, source and
-    target. `sourceKernel=None` reads the kernel from the DICOM database. Raises HarmonizationInputError
-    (bad input, nothing changed), HarmonizationCancelled (nothing added) or HarmonizationOutOfMemoryError.
+    kernel and `CTHarmonization.*` attributes recording the model file, model card version, source,
+    target and method. `sourceKernel=None` reads the kernel from the DICOM database. `method='filter'` applies
+    the model file's fitted linear transfer filter for the pair instead of the network (see
+    prepareHarmonization). Raises HarmonizationInputError (bad input, nothing changed), HarmonizationCancelled
+    (nothing added) or HarmonizationOutOfMemoryError.
     """
     job = prepareHarmonization(
         inputNode, targetKernel, sourceKernel, modelPath, device,
         referenceNode=referenceNode, dicomDatabase=dicomDatabase, allowUntrained=allowUntrained,
+        method=method,
     )
     _checkOutputNode(outputNode, job.inputNodeID)
     job.run(progressCallback, cancelEvent)
