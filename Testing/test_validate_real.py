@@ -11,10 +11,13 @@ import pydicom
 import pytest
 from conftest import SHARED
 
+from Training.evaluation.metrics.clinical import NO_LUNGS_NOTE
 from Training.evaluation.real_pairs import PairingError, load_pair, split_slices
 from Training.validate_real import main
 
 CHEST = SHARED / "data" / "real_ct" / "philips_brilliance16_chest_l_b_pair"
+HEAD = SHARED / "data" / "real_ct" / "philips_ingenuity_head_phantom_ub_ya_pair"
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -146,5 +149,76 @@ def test_end_to_end_on_a_few_slices_of_the_chest_pair(chest, tmp_path, capsys):
     for d in ("sharp_to_smooth", "smooth_to_sharp"):
         for kind in ("images", "nps"):
             png = out / "philips_brilliance16_chest_l_b_pair" / f"{d}_{kind}.png"
-            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert png.read_bytes()[:8] == PNG
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    _check_clinical(out, results, report, printed)
+
+
+def _check_clinical(out: Path, results: dict, report: str, printed: str) -> None:
+    """The clinical section of the chest run: lung quantities, Bland-Altman, CCC per class, PNGs."""
+    assert results["clinical"] is True
+    pair = results["pairs"][0]
+    assert pair["seconds"]["clinical"] > 0
+    for d, res in pair["directions"].items():
+        clin, cs = res["clinical"], res["clinical_summary"]
+        methods = list(res["methods"])
+        assert clin["methods"] == methods and clin["target"] == "real target" and clin["slices"] == 2
+        assert clin["lungs"]["slices_with_lungs"] == 2 and set(clin["lungs"]["bland_altman"]) == set(methods)
+        assert set(clin["radiomics"]["regions"]) >= {"lung", "soft_tissue"}
+        assert cs["best_baseline"] == res["verdict"]["best_baseline"] and cs["input"] == "identity"
+        for m in [*methods, "real target"]:
+            assert cs["methods"][m]["laa950"] is not None and cs["methods"][m]["pd15"] is not None
+        for m in methods:
+            assert 0 <= cs["methods"][m]["ccc_share_lung"] <= 1
+            assert cs["methods"][m]["pd15_ba_mean_diff"] is not None
+        stem = d.replace("->", "_to_")
+        for f in ("clinical_bland_altman", "clinical_ccc_lung", "clinical_ccc_soft_tissue"):
+            png = out / pair["pair"] / f"{stem}_{f}.png"
+            assert png.read_bytes()[:8] == PNG
+            assert f"({pair['pair']}/{png.name})" in report
+    down = pair["directions"]["sharp->smooth"]["clinical_summary"]["methods"]
+    # The sharp L kernel inflates the emphysema index; the fitted filter brings it back near B's.
+    assert down["identity"]["laa950"] > 5 * down["real target"]["laa950"] + 1
+    assert abs(down["linear filter"]["laa950_ba_mean_diff"]) < abs(down["identity"]["laa950_ba_mean_diff"])
+    assert down["linear filter"]["ccc_share_soft_tissue"] > down["identity"]["ccc_share_soft_tissue"]
+    assert report.count("#### Clinical quantities, ") == 2
+    assert "Lung density per series" in report and "Bland-Altman per slice" in report
+    assert "Radiomic reproducibility vs target" in report and "median glcm" in report
+    assert "clinical, identity: %LAA-950" in printed
+
+
+@pytest.mark.slow
+def test_the_head_phantom_gets_the_no_lungs_note_and_ccc_only(tmp_path, capsys):
+    if not HEAD.is_dir():
+        pytest.skip(f"shared real CT pair missing at {HEAD} (set CTH_SHARED_DIR)")
+    out = tmp_path / "head"
+    rc = _run(HEAD / "YA_bone", HEAD / "UB_standard", out, "--fit-slices", "20:22", "--slices", "30:32",
+              "--target-smooth", "B30f", "--target-sharp", "BONE")
+    printed = capsys.readouterr().out
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    pair = results["pairs"][0]
+    for d, res in pair["directions"].items():
+        clin = res["clinical"]
+        assert clin["lungs"] is None and NO_LUNGS_NOTE in clin["notes"]
+        assert clin["radiomics"]["regions"]
+        assert res["clinical_summary"]["methods"]["real target"]["laa950"] is None
+        assert not (out / pair["pair"] / f"{d.replace('->', '_to_')}_clinical_bland_altman.png").exists()
+        assert any(f.endswith(".png") and "_clinical_ccc_" in f for f in res["clinical_figures"])
+    report = (out / "report.md").read_text()
+    assert report.count(NO_LUNGS_NOTE) == 2 and "Lung density per series" not in report
+    assert "Radiomic reproducibility vs target" in report
+    assert f"clinical: {NO_LUNGS_NOTE}" in printed
+
+
+@pytest.mark.slow
+def test_no_clinical_skips_the_clinical_part(small_pair, tmp_path):
+    out = tmp_path / "plain"
+    assert _run(*small_pair, out, "--slices", "2:3", "--fit-slices", "0:2", "--target-smooth", "B30f",
+                "--target-sharp", "BONE", "--no-clinical") == 0
+    results = json.loads((out / "results.json").read_text())
+    pair = results["pairs"][0]
+    assert results["clinical"] is False and pair["seconds"]["clinical"] is None
+    assert all("clinical" not in res for res in pair["directions"].values())
+    assert not list(out.rglob("*clinical*"))
+    assert "Skipped (--no-clinical)." in (out / "report.md").read_text()

@@ -2,9 +2,11 @@
 
     python -m Training.validate_real --pair SHARP_DIR SMOOTH_DIR [--pair ...] --out DIR [--model M]
         [--compare M2] [--slices A:B] [--fit-slices A:B] [--target-smooth K --target-sharp K]
+        [--no-clinical] [--workers W]
 
 Baselines (identity, best Gaussian blur, linear kernel-transfer filter) are fitted on --fit-slices (default
-the first half), every method is scored on --slices (default the second half). The work is
+the first half), every method is scored on --slices (default the second half), including the clinical
+quantities (%LAA-950, PD15, Bland-Altman per slice, radiomic CCC; --no-clinical skips them). The work is
 ``Training.evaluation.validate_real``; this module parses arguments and shows progress.
 """
 
@@ -36,7 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model domain for the sharp series when the model does not recognise its kernel")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--no-clinical", action="store_true",
+                   help="skip the clinical quantities (lung density, Bland-Altman, radiomic CCC; the "
+                        "radiomics take time)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for the radiomic features of the clinical part (default 1)")
     return p
+
+
+def _print_clinical(head: str, cs: dict) -> None:
+    for note in cs["notes"]:
+        print(f"{head}: clinical: {note}")
+    for name, row in cs["methods"].items():
+        parts = []
+        if row.get("laa950") is not None:
+            parts.append(f"%LAA-950 {row['laa950']:.2f}, PD15 {row['pd15']:.1f} HU")
+        shares = {k[len("ccc_share_"):]: v for k, v in row.items()
+                  if k.startswith("ccc_share_") and v is not None}
+        if shares:
+            parts.append("CCC >= 0.85: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in shares.items()))
+        if parts:
+            print(f"{head}: clinical, {name}: {'; '.join(parts)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lambda progress: validate_real(
             [tuple(p) for p in args.pair], args.out, model=args.model, compare=args.compare,
             slices=args.slices, fit_slices=args.fit_slices, target_smooth=args.target_smooth,
-            target_sharp=args.target_sharp, device=args.device, overwrite=args.overwrite, progress=progress,
+            target_sharp=args.target_sharp, device=args.device, overwrite=args.overwrite,
+            clinical=not args.no_clinical, workers=args.workers, progress=progress,
         ),
         desc="validate", unit="step", errors=(ValidationError,),
         interrupted="interrupted; nothing was written",
@@ -60,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{pair['pair']} {res['source_kernel']} -> {res['target_kernel']}: {name} "
                           f"beats the best baseline ({v['best_baseline']}) on RMSE and NPS: "
                           f"{'yes' if r['beats_best_baseline'] else 'no'}")
+            if "clinical_summary" in res:
+                _print_clinical(f"{pair['pair']} {res['source_kernel']} -> {res['target_kernel']}",
+                                res["clinical_summary"])
         print(f"{pair['pair']}: {pair['seconds']['total']:.1f} s")
     print(f"wrote {Path(args.out) / 'report.md'}")
     return code

@@ -97,7 +97,10 @@ def report_markdown(summary: dict[str, Any]) -> str:
                   f"{pair['evaluated_slices'][0]}:{pair['evaluated_slices'][1]} (0-based, end exclusive)",
                   f"- time: {s['total']:.1f} s in total (baseline fitting {s['baseline_fit']:.1f} s, "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in s["models"].items())
-                  + f", metrics {s['metrics']:.1f} s)", ""]
+                  + f", metrics {s['metrics']:.1f} s"
+                  + (f", clinical quantities {s['clinical']:.1f} s)" if s.get("clinical") is not None
+                     else ")"),
+                  ""]
         for d, res in pair["directions"].items():
             lines += [f"### {res['source_kernel']} -> {res['target_kernel']} ({d})", ""]
             lines += _verdict_lines(res) + [""]
@@ -119,7 +122,37 @@ def report_markdown(summary: dict[str, Any]) -> str:
                                  f"params.filter){choices}; fit RMSE {_fmt(m['fit_rmse_hu'])} HU")
             stem = _stem(pair, d)
             lines += ["", f"![images]({stem}_images.png)", "", f"![NPS]({stem}_nps.png)", ""]
+            lines += clinical_lines(summary, res)
     return "\n".join(lines) + "\n"
+
+
+def clinical_lines(summary: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """The clinical section of one direction: summary table, then ``clinical_report``'s tables and plots."""
+    from Training.evaluation.metrics.clinical_report import clinical_markdown
+
+    head = f"#### Clinical quantities, {res['source_kernel']} -> {res['target_kernel']}"
+    if "clinical" not in res:
+        return [head, "", "Skipped (--no-clinical)." if summary.get("clinical") is False else "Not computed.",
+                ""]
+    cs = res["clinical_summary"]
+    lines = [head, "",
+             f"Every method on the evaluated slices against the real target ({res['target_kernel']}); "
+             f"input = identity, best baseline (lowest RMSE) = {cs['best_baseline']}. %LAA-950 in %, PD15 in "
+             "HU (series-pooled over the slices with lungs), Bland-Altman mean difference per slice "
+             "(method - target), share of radiomic features with Lin's CCC >= 0.85 per ROI region.", ""]
+    regions = sorted({k[len("ccc_share_"):] for row in cs["methods"].values() for k in row
+                      if k.startswith("ccc_share_")})
+    header = ["method", "%LAA-950", "PD15 (HU)", "BA mean diff %LAA-950", "BA mean diff PD15 (HU)",
+              *[f"CCC >= 0.85, {r}" for r in regions]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in cs["methods"].items():
+        shares = [row.get(f"ccc_share_{r}") for r in regions]
+        cells = [_fmt(row.get("laa950")), _fmt(row.get("pd15")), _fmt(row.get("laa950_ba_mean_diff")),
+                 _fmt(row.get("pd15_ba_mean_diff")),
+                 *["-" if v is None else f"{100 * v:.0f} %" for v in shares]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", clinical_markdown(res["clinical"], heading="#####", figures=res.get("clinical_figures"))]
+    return lines
 
 
 def _stem(pair: dict[str, Any], d: str) -> str:
@@ -205,6 +238,13 @@ def write_outputs(folder: Path, summary: dict[str, Any]) -> None:
             stem = folder / _stem(pair, d)
             images_png(stem.parent / f"{stem.name}_images.png", pair, d, res)
             nps_png(stem.parent / f"{stem.name}_nps.png", pair, res)
+            if "clinical" in res:
+                from Training.evaluation.metrics.clinical_report import save_clinical_figures
+
+                names = save_clinical_figures(
+                    stem.parent, res["clinical"], prefix=f"{stem.name}_clinical",
+                    title=f"{pair['pair']}: {res['source_kernel']} -> {res['target_kernel']}")
+                res["clinical_figures"] = [f"{pair['pair']}/{n}" for n in names]
     write_json_atomic(folder / "results.json", _strip_images(summary))
     write_csv_atomic(folder / "table.csv",
                      ["pair", "direction", "source_kernel", "target_kernel", "method", "kind", "parameters",

@@ -4,8 +4,10 @@ For every (sharp, smooth) pair of DICOM series of one acquisition (``real_pairs`
 (``baselines``) on the fitting slices, harmonize the evaluated slices with each model to the model's domain
 for the other series' kernel, and score every method against the real other reconstruction on the
 evaluated slices only: RMSE / PSNR / SSIM inside the body, soft-tissue high-pass noise and the share of its
-gap closed, NPS distance in uniform soft tissue, edge sharpness, lung structure agreement. The outputs
-(``real_report``) appear in one atomic step: a failed run writes nothing.
+gap closed, NPS distance in uniform soft tissue, edge sharpness, lung structure agreement, and (unless
+``clinical=False``) the clinical quantities of ``metrics.clinical``: %LAA-950/-910, PD15, mean lung density
+with per-slice Bland-Altman (a note instead when there are no lungs), radiomic CCC per feature class. The
+outputs (``real_report``) appear in one atomic step: a failed run writes nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from Training.simulator.nps import measure_nps, noise_rois
 
 Progress = Callable[..., None]
 DIRECTIONS = ("sharp->smooth", "smooth->sharp")
+CLINICAL_TARGET = "real target"
 
 
 class ValidationError(ValueError):
@@ -138,9 +141,13 @@ def validate_pair(
     fit_slices: str | None = None,
     target_smooth: str | None = None,
     target_sharp: str | None = None,
+    clinical: bool = True,
+    pool: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Fit, harmonize and score one pair; returns its results (images kept under ``_images``)."""
+    """Fit, harmonize and score one pair; returns its results (images kept under ``_images``).
+
+    ``clinical``: also the clinical quantities per direction (radiomics in ``pool``, a feature pool)."""
     t0 = time.perf_counter()
     stage = f"{pair.name}"
 
@@ -158,7 +165,7 @@ def validate_pair(
             _target_domain(h, pair.smooth, target_smooth, "--target-smooth"),
             _target_domain(h, pair.sharp, target_sharp, "--target-sharp"),
         )
-    total = 4 + 2 * len(harmonizers)
+    total = 4 + 2 * len(harmonizers) + (2 if clinical else 0)
     step(0, total)
     fi, ei = list(fit), list(ev)
     fit_body_smooth = np.stack([body_mask(s) for s in smooth[fi]])
@@ -221,6 +228,17 @@ def validate_pair(
         done += 1
         step(done, total)
     metric_seconds = time.perf_counter() - tm
+    tm = time.perf_counter()
+    if clinical:
+        for d in DIRECTIONS:
+            res = directions[d]
+            res["clinical"] = clinical_direction(outputs[d], truths[d], float(np.mean(pair.spacing_xy)),
+                                                 pool=pool, bar=f"{pair.name}: clinical {d}",
+                                                 progress=progress)
+            res["clinical_summary"] = clinical_rows(res["clinical"], res["verdict"]["best_baseline"])
+            done += 1
+            step(done, total)
+    clinical_seconds = time.perf_counter() - tm if clinical else None
     return {
         "pair": pair.name,
         "sharp": {"folder": str(pair.sharp.source), "kernel": k_sharp, **_series_info(pair.sharp)},
@@ -229,8 +247,40 @@ def validate_pair(
         "pixel_spacing_mm": list(pair.spacing_xy),
         "directions": directions,
         "seconds": {"total": time.perf_counter() - t0, "baseline_fit": fit_seconds,
-                    "models": model_seconds, "metrics": metric_seconds},
+                    "models": model_seconds, "metrics": metric_seconds, "clinical": clinical_seconds},
     }
+
+
+def clinical_direction(
+    outputs: dict[str, np.ndarray], truth: np.ndarray, pixel_mm: float, *, pool: Any = None,
+    bar: str = "clinical", progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``metrics.clinical`` of every method's evaluated slices (identity = the input) against the real
+    target; the lung mask is segmented on the target, a series without lungs gets a note."""
+    from Training.evaluation.metrics.clinical import clinical_comparison
+
+    if progress:
+        progress(bar, 0, 1)
+    return clinical_comparison(
+        outputs, truth, pixel_mm, target=CLINICAL_TARGET, pool=pool,
+        progress=(lambda n, t: progress(bar, n, t)) if progress else None,
+    )
+
+
+def clinical_rows(res: dict[str, Any], best_baseline: str) -> dict[str, Any]:
+    """The compact clinical figures per method and for the real target: series %LAA-950 and PD15, the
+    Bland-Altman mean difference (method - target) of each, the share of features with CCC >= 0.85 and the
+    median CCC per ROI region; plus which method is the input and which the best baseline (lowest RMSE)."""
+    from Training.evaluation.metrics.clinical_report import clinical_summary
+
+    lungs = res.get("lungs")
+    rows: dict[str, Any] = {}
+    for name, row in clinical_summary(res).items():
+        series = lungs["series"][name] if lungs else None
+        rows[name] = {"laa950": series and series["laa950"], "pd15": series and series["pd15"], **row}
+    target = lungs["series"][res["target"]] if lungs else None
+    rows[res["target"]] = {"laa950": target and target["laa950"], "pd15": target and target["pd15"]}
+    return {"input": "identity", "best_baseline": best_baseline, "notes": res["notes"], "methods": rows}
 
 
 def _series_info(v: Any) -> dict[str, Any]:
@@ -269,9 +319,14 @@ def validate_real(
     target_sharp: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    clinical: bool = True,
+    workers: int = 1,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Validate every (sharp, smooth) pair; write results.json, table.csv, report.md and PNGs to ``out``."""
+    """Validate every (sharp, smooth) pair; write results.json, table.csv, report.md and PNGs to ``out``.
+
+    ``clinical=False`` skips the clinical quantities (the radiomics take most of their time); ``workers``
+    processes extract the radiomic features."""
     from TextureStarGANCore.inference import Harmonizer
     from TextureStarGANCore.model_file import ModelFileError
     from Training.evaluation.real_report import write_outputs
@@ -294,15 +349,18 @@ def validate_real(
         if not h.trained:
             raise ValidationError(f"model {h.path} is untrained; validate a trained model file")
     results = []
+    from Training.evaluation.metrics.radiomics_features import feature_pool
+
     try:
-        for p in loaded:
-            results.append(validate_pair(p, harmonizers, slices=slices, fit_slices=fit_slices,
-                                         target_smooth=target_smooth, target_sharp=target_sharp,
-                                         progress=progress))
+        with feature_pool(workers if clinical else 1) as pool:
+            for p in loaded:
+                results.append(validate_pair(p, harmonizers, slices=slices, fit_slices=fit_slices,
+                                             target_smooth=target_smooth, target_sharp=target_sharp,
+                                             clinical=clinical, pool=pool, progress=progress))
     except PairingError as exc:
         raise ValidationError(str(exc)) from exc
     summary = {"models": [str(h.path) for h in harmonizers], "device": device, "pairs": results,
-               "rmse_window_hu": list(RMSE_WINDOW_HU)}
+               "rmse_window_hu": list(RMSE_WINDOW_HU), "clinical": clinical}
     with atomic_output(out, folder=True) as tmp:
         write_outputs(tmp, summary)
     return summary
