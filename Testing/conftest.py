@@ -46,3 +46,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The Slicer logic and job tests share these two (imported on use: slicer-core loads only where needed).
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A tiny untrained model file."""
+    from model_factory import make_model_file
+
+    return make_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=3)
+
+
+@pytest.fixture()
+def scene():
+    """A real MRML scene with Slicer's logics (slicer-core)."""
+    from slicer_helpers import new_scene
+
+    scene, app, keep = new_scene()
+    yield scene
+    del keep, app

@@ -19,22 +19,10 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core is needed for the Slicer module tests")
 
 from model_factory import make_model_file  # noqa: E402
-from slicer_helpers import add_volume, body_phantom, new_scene  # noqa: E402
+from slicer_helpers import add_volume, body_phantom  # noqa: E402
 
 from CTHarmonization.CTHarmonizationLib import dependencies, logic, worker  # noqa: E402
 from CTHarmonization.CTHarmonizationLib import job as jobfiles  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=3)
-
-
-@pytest.fixture()
-def scene():
-    scene, app, keep = new_scene()
-    yield scene
-    del keep, app
 
 
 def prepared(scene, model_path, slices=4, **kwargs):

@@ -10,32 +10,18 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core is needed for the Slicer module tests")
 
 import vtk  # noqa: E402
-from model_factory import make_model_file  # noqa: E402
 from slicer_helpers import (  # noqa: E402
     FolderDicomDatabase,
     add_volume,
     body_phantom,
     matrix,
     matrix_array,
-    new_scene,
     node_from_ct_volume,
     voxels_of,
 )
 
 from CTHarmonization.CTHarmonizationLib import logic  # noqa: E402
 from TextureStarGANCore.volume_io import read_volume  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=3)
-
-
-@pytest.fixture()
-def scene():
-    scene, app, keep = new_scene()
-    yield scene
-    del keep, app
 
 
 def oblique_ijk_to_ras() -> np.ndarray:
