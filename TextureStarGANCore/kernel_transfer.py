@@ -1,0 +1,240 @@
+"""The kernel-transfer generator (default model v2): a learned linear kernel transfer plus a learned residual.
+
+Two reconstructions of the same raw data differ mostly by the ratio of their kernels' transfer functions, so
+the generator starts from physics and learns only what is not linear::
+
+    x_lin = IFFT( H_{s->t}(|f|) FFT(x) ),   H_{s->t}(f) = min~(MTF_t(f) / MTF_s(f), max_gain)
+    y     = x_lin + HU_SCALE * R(x, x_lin | e_s, e_t)
+
+- ``MTF_d`` is one learned radial response per domain (log values at ``knots`` in cycles/mm, fixed at 1 for
+  f = 0 so mean HU are kept), initialised from the simulator's calibrated kernels and refined on paired
+  data. Because it is a function of cycles/mm, the model runs at the input's own pixel size.
+- ``min~`` is a smooth upper bound on the gain: the sharpening direction is a regularised inverse.
+- ``R`` is a small fully convolutional network whose layers are modulated (FiLM) by the source and target
+  domain embeddings; its output layer starts at zero, so an untrained model is exactly the linear transfer.
+- The source domain is an index (known from the DICOM tags) or a probability vector over the domains
+  (estimated from the image by ``SourceEstimator``, whose input is the slice's radial power spectrum).
+
+Runs on Python 3.9 (bundled into the Slicer extension).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["KernelTransferConfig", "KernelTransferGenerator", "SourceEstimator", "spectral_features",
+           "HU_SCALE", "HU_MIN", "HU_MAX", "PAD_MM"]
+
+HU_SCALE = 500.0  # network inputs and residual in units of 500 HU: soft tissue and lung within a few units
+HU_MIN, HU_MAX = -1024.0, 3071.0  # inputs are clipped to the 12-bit CT range (scanner padding included)
+PAD_MM = 16.0  # reflected border before the FFT, so opposite edges do not blend
+
+DomainRef = Union[torch.Tensor, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class KernelTransferConfig:
+    """Architecture of a kernel-transfer model (stored in the model card's ``architecture``)."""
+
+    num_domains: int
+    width: int = 24
+    depth: int = 6
+    embed_dim: int = 16
+    max_gain: float = 4.0
+    knot_step_per_mm: float = 0.05
+    num_knots: int = 37  # 0 .. 1.8 cycles/mm: the corner frequency of 0.4 mm pixels is 1.77
+    feature_bands: int = 34  # SourceEstimator: radial bands of 0.05 cycles/mm from 0.1
+    estimator_hidden: int = 64
+    kind: str = field(default="kernel_transfer")
+
+    def __post_init__(self) -> None:
+        if self.kind != "kernel_transfer":
+            raise ValueError(f"not a kernel-transfer architecture: kind {self.kind!r}")
+        for name in ("num_domains", "width", "depth", "embed_dim", "num_knots", "feature_bands",
+                     "estimator_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.depth < 2:
+            raise ValueError(f"depth must be at least 2, got {self.depth}")
+        if self.num_knots < 2:
+            raise ValueError(f"num_knots must be at least 2, got {self.num_knots}")
+        if not (isinstance(self.max_gain, (int, float)) and self.max_gain > 1.0):
+            raise ValueError(f"max_gain must be above 1, got {self.max_gain!r}")
+        if not (isinstance(self.knot_step_per_mm, (int, float)) and self.knot_step_per_mm > 0):
+            raise ValueError(f"knot_step_per_mm must be positive, got {self.knot_step_per_mm!r}")
+
+    @property
+    def knots(self) -> torch.Tensor:
+        return torch.arange(self.num_knots, dtype=torch.float64) * self.knot_step_per_mm
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> KernelTransferConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"architecture must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown architecture field(s) {unknown}")
+        if "num_domains" not in d:
+            raise ValueError("architecture is missing 'num_domains'")
+        return cls(**d)
+
+
+def radial_frequency_t(
+    rows: int, cols: int, spacing_xy: Sequence[float], device: torch.device
+) -> torch.Tensor:
+    """|f| in cycles/mm of every ``torch.fft.rfft2`` coefficient of a (rows, cols) image."""
+    fy = torch.fft.fftfreq(rows, d=float(spacing_xy[1]), device=device)[:, None]
+    fx = torch.fft.rfftfreq(cols, d=float(spacing_xy[0]), device=device)[None, :]
+    return torch.sqrt(fx * fx + fy * fy)
+
+
+def _interp_knots(values: torch.Tensor, freq: torch.Tensor, step: float) -> torch.Tensor:
+    """Piecewise-linear interpolation of per-item knot ``values`` (B, K) at ``freq`` (H, W): (B, H, W);
+    the last value beyond the last knot."""
+    k = values.shape[1]
+    pos = torch.clamp(freq / step, 0.0, k - 1.0)
+    left = torch.clamp(pos.floor().long(), 0, k - 2)
+    w = (pos - left).to(values.dtype)
+    return values[:, left] * (1 - w) + values[:, left + 1] * w
+
+
+def _domain_weights(ref: DomainRef, num_domains: int, device: torch.device) -> torch.Tensor:
+    """(B, D) weights from indices (one-hot) or probabilities (rows summing to 1)."""
+    if isinstance(ref, torch.Tensor) and ref.is_floating_point():
+        if ref.ndim != 2 or ref.shape[1] != num_domains:
+            raise ValueError(
+                f"domain probabilities must have shape (batch, {num_domains}), got {tuple(ref.shape)}")
+        return ref.to(device=device, dtype=torch.float32)
+    idx = torch.as_tensor(ref, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_domains):
+        raise ValueError(f"domain index out of range 0..{num_domains - 1}: {idx.tolist()}")
+    return F.one_hot(idx, num_domains).float()
+
+
+class KernelTransferGenerator(nn.Module):
+    """y = H_{s->t} x + HU_SCALE * R(x, H x | e_s, e_t) on HU slices of any size and pixel spacing."""
+
+    def __init__(self, config: KernelTransferConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.log_mtf = nn.Parameter(torch.zeros(c.num_domains, c.num_knots - 1))  # knot 0 is fixed at 0
+        self.embed = nn.Parameter(torch.randn(c.num_domains, c.embed_dim) * 0.1)
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(2, c.width, 3, padding=1)]
+            + [nn.Conv2d(c.width, c.width, 3, padding=1) for _ in range(c.depth - 2)]
+        )
+        self.film = nn.Linear(2 * c.embed_dim, 2 * c.width * (c.depth - 1))
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.out = nn.Conv2d(c.width, 1, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def log_mtf_knots(self) -> torch.Tensor:
+        """(D, K) log MTF of every domain at the knots (0 at f = 0)."""
+        return torch.cat([self.log_mtf.new_zeros(self.log_mtf.shape[0], 1), self.log_mtf], 1)
+
+    def log_gain(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(B, K) log gain of the linear transfer at the knots for (B, D) source/target weights."""
+        lm = self.log_mtf_knots()
+        d = tgt @ lm - src @ lm
+        cap = math.log(self.config.max_gain)
+        return cap - F.softplus(cap - d, beta=8.0)  # smooth min(d, log max_gain); 1e-4 off at d = 0
+
+    def linear(self, x: torch.Tensor, spacing_xy: Sequence[Sequence[float]], src: torch.Tensor,
+               tgt: torch.Tensor) -> torch.Tensor:
+        """The linear transfer of (B, 1, H, W) clipped HU, one pixel spacing (x, y) mm per item."""
+        lg = self.log_gain(src, tgt)
+        rows, cols = x.shape[-2:]
+        out = torch.empty_like(x)
+        for i in range(x.shape[0]):
+            sx, sy = float(spacing_xy[i][0]), float(spacing_xy[i][1])
+            pr = min(int(math.ceil(PAD_MM / sy)), rows - 1)
+            pc = min(int(math.ceil(PAD_MM / sx)), cols - 1)
+            padded = F.pad(x[i:i + 1], (pc, pc, pr, pr), mode="reflect")
+            freq = radial_frequency_t(rows + 2 * pr, cols + 2 * pc, (sx, sy), x.device)
+            gain = torch.exp(_interp_knots(lg[i:i + 1], freq, self.config.knot_step_per_mm))
+            spec = torch.fft.rfft2(padded.float()) * gain[:, None]
+            filt = torch.fft.irfft2(spec, s=padded.shape[-2:])
+            out[i:i + 1] = filt[..., pr:pr + rows, pc:pc + cols].to(x.dtype)
+        return out
+
+    def residual(self, x: torch.Tensor, x_lin: torch.Tensor, src: torch.Tensor,
+                 tgt: torch.Tensor) -> torch.Tensor:
+        cond = torch.cat([src @ self.embed, tgt @ self.embed], 1)
+        film = self.film(cond).view(x.shape[0], len(self.convs), 2, self.config.width, 1, 1)
+        h = torch.cat([x, x_lin], 1) / HU_SCALE
+        for k, conv in enumerate(self.convs):
+            h = conv(h)
+            h = F.leaky_relu(h * (1 + film[:, k, 0]) + film[:, k, 1], 0.2)
+        return HU_SCALE * self.out(h)
+
+    def forward(self, x_hu: torch.Tensor, spacing_xy: Sequence[Sequence[float]], source: DomainRef,
+                target: DomainRef) -> torch.Tensor:
+        """Harmonize (B, 1, H, W) HU slices: ``source``/``target`` as indices (B,) or probabilities (B, D)."""
+        if x_hu.ndim != 4 or x_hu.shape[1] != 1:
+            raise ValueError(f"expected (batch, 1, rows, cols) HU, got shape {tuple(x_hu.shape)}")
+        if len(spacing_xy) != x_hu.shape[0]:
+            raise ValueError(
+                f"need one pixel spacing per slice: {len(spacing_xy)} for {x_hu.shape[0]} slices")
+        src = _domain_weights(source, self.config.num_domains, x_hu.device)
+        tgt = _domain_weights(target, self.config.num_domains, x_hu.device)
+        x = torch.clamp(x_hu, HU_MIN, HU_MAX)
+        x_lin = self.linear(x, spacing_xy, src, tgt)
+        return x_lin + self.residual(x, x_lin, src, tgt)
+
+
+def spectral_features(x_hu: torch.Tensor, spacing_xy: Sequence[float], bands: int,
+                      step: float = 0.05, first: float = 0.1) -> torch.Tensor:
+    """What tells a kernel from an image: log10 mean power of the soft-tissue-windowed slice in radial bands
+    of ``step`` cycles/mm from ``first``, and a mask of the bands the grid reaches. (B, 2 * bands)."""
+    x = torch.clamp(x_hu.float(), -200.0, 300.0)
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    rows, cols = x.shape[-2:]
+    power = torch.fft.rfft2(x).abs().pow(2).reshape(x.shape[0], -1) / (rows * cols)
+    freq = radial_frequency_t(rows, cols, spacing_xy, x.device).reshape(-1)
+    band = torch.floor((freq - first) / step).long()
+    nyquist = 0.5 / max(float(spacing_xy[0]), float(spacing_xy[1]))
+    feats, mask = [], []
+    for b in range(bands):
+        sel = band == b
+        reach = first + (b + 1) * step <= nyquist and bool(sel.any())
+        if reach:
+            feats.append(torch.log10(power[:, sel].mean(1) + 1e-3))
+        else:
+            feats.append(power.new_zeros(power.shape[0]))
+        mask.append(power.new_full((power.shape[0],), 1.0 if reach else 0.0))
+    return torch.cat([torch.stack(feats, 1), torch.stack(mask, 1)], 1)
+
+
+class SourceEstimator(nn.Module):
+    """Domain probabilities of a slice from ``spectral_features`` (an MLP), for inputs without usable tags."""
+
+    def __init__(self, config: KernelTransferConfig) -> None:
+        super().__init__()
+        self.config = config
+        f = 2 * config.feature_bands
+        self.register_buffer("feature_mean", torch.zeros(f))
+        self.register_buffer("feature_std", torch.ones(f))
+        self.mlp = nn.Sequential(nn.Linear(f, config.estimator_hidden), nn.ReLU(),
+                                 nn.Linear(config.estimator_hidden, config.num_domains))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp((features - self.feature_mean) / self.feature_std)
+
+    def forward(self, x_hu: torch.Tensor, spacing_xy: Sequence[float]) -> torch.Tensor:
+        """(B, D) probabilities for (B, 1, H, W) HU slices of one pixel spacing."""
+        feats = spectral_features(x_hu[:, 0], spacing_xy, self.config.feature_bands)
+        return torch.softmax(self.logits(feats), 1)
