@@ -306,7 +306,8 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is not None and self._model is not None:
             from CTHarmonizationLib import logic
 
-            text = logic.describeDetectedKernel(node, self._model.domains)
+            text = logic.describeDetectedKernel(node, self._model.domains,
+                                                canEstimate=self._model.preprocessing is None)
         self.ui.detectedKernelLabel.text = text
 
     # ------------------------------------------------------------------ run

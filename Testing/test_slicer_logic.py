@@ -394,6 +394,9 @@ def test_a_kernel_transfer_model_runs_with_a_chosen_or_estimated_source(scene, k
              ("SourceKernel", "SourceKernelFrom", "TargetKernel", "Method", "Notes")}
     assert attrs == {"SourceKernel": "BONE", "SourceKernelFrom": "chosen", "TargetKernel": "B30f",
                      "Method": "model", "Notes": ""}
+    domains = logic.loadModel(kt_model_path).domains
+    assert "the model estimates it from the image" in logic.describeDetectedKernel(node, domains,
+                                                                                   canEstimate=True)
     # No DICOM information: a kernel-transfer model estimates the source from the image.
     job = logic.prepareHarmonization(node, "B30f", None, kt_model_path, "cpu", allowUntrained=True)
     assert job.source is None and job.sourceFoundBy == "estimated"

@@ -310,17 +310,20 @@ def dicomTagsOfNode(node: Any, dicomDatabase: Any = None) -> dict[str, str]:
     return tags
 
 
-def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any = None) -> str:
-    """One line for the GUI: the kernel DICOM reports for `node` and which model kernel it is, if any."""
+def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any = None,
+                           canEstimate: bool = False) -> str:
+    """One line for the GUI: the kernel DICOM reports for `node` and which model kernel it is, if any.
+    `canEstimate`: the model (kernel transfer) estimates an unknown source kernel from the image."""
     tags = dicomTagsOfNode(node, dicomDatabase)
     kernel = tags.get("ConvolutionKernel")
+    estimate = " (or leave it: the model estimates it from the image)" if canEstimate else ""
     if not kernel:
-        return "No DICOM kernel information: choose the source kernel."
+        return "No DICOM kernel information: choose the source kernel" + estimate + "."
     scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
     domain = detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), kernel)
     if domain is None:
         return (f"DICOM: kernel {kernel} ({scanner}) is not one of the model's kernels: choose the closest "
-                "source kernel.")
+                "source kernel" + estimate + ".")
     return f"DICOM: kernel {kernel} ({scanner}) = model kernel {domain.name}"
 
 
