@@ -306,7 +306,8 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is not None and self._model is not None:
             from CTHarmonizationLib import logic
 
-            text = logic.describeDetectedKernel(node, self._model.domains)
+            text = logic.describeDetectedKernel(node, self._model.domains,
+                                                canEstimate=self._model.preprocessing is None)
         self.ui.detectedKernelLabel.text = text
 
     # ------------------------------------------------------------------ run
@@ -395,7 +396,8 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             how = _("on {device}").format(device=job.device)
         self.ui.statusLabel.text = _("Harmonizing {name}: {source} -> {target} {how}...").format(
-            name=job.inputName, source=job.source.name, target=job.target.name, how=how)
+            name=job.inputName, target=job.target.name, how=how,
+            source=job.source.name if job.source is not None else _("source estimated from the image"))
         self._timer.start()
         self._updateButtons()
 
@@ -465,6 +467,9 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.lastOutputVolume = output
         if job.method == METHOD_FILTER:
             how = _("linear transfer filter")
+        elif job.runInfo.get("kind") == "kernel_transfer":
+            how = _("{device}, kernel transfer, source {found}").format(
+                device=job.runInfo.get("device", job.device), found=job.sourceFoundBy)
         else:
             how = _("{device}, {style} style").format(device=job.runInfo.get("device", job.device),
                                                        style=job.runInfo.get("style", "domain"))

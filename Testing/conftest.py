@@ -57,6 +57,14 @@ def model_path(tmp_path_factory):
     return make_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=3)
 
 
+@pytest.fixture(scope="module")
+def kt_model_path(tmp_path_factory):
+    """A tiny untrained kernel-transfer model file (seeded, non-trivial weights)."""
+    from model_factory import make_kernel_transfer_file
+
+    return make_kernel_transfer_file(tmp_path_factory.mktemp("kt_model") / "kt.safetensors", seed=3)
+
+
 @pytest.fixture()
 def scene():
     """A real MRML scene with Slicer's logics (slicer-core)."""

@@ -1,4 +1,6 @@
-"""Valid small model files with random weights, for tests (never for harmonizing real data)."""
+"""Valid small model files with random weights, for tests (never for harmonizing real data).
+
+``make_model_file``: a StarGAN v2 model; ``make_kernel_transfer_file``: a kernel-transfer model."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import torch
 
 from TextureStarGANCore.config import ModelConfig
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS, Domain
+from TextureStarGANCore.kernel_transfer import KernelTransferConfig, KernelTransferGenerator, SourceEstimator
 from TextureStarGANCore.model_file import (
     compute_domain_styles,
     make_model_card,
+    save_kernel_transfer_model,
     save_model_file,
     weights_from_networks,
 )
@@ -66,4 +70,70 @@ def make_model_file(
     )
     return save_model_file(
         path, config=config, weights=weights_from_networks(nets), domain_styles=styles, card=card
+    )
+
+
+# Kernel transfer ------------------------------------------------------------------------------------------
+KT_TINY = KernelTransferConfig(num_domains=3, width=8, depth=3)
+# Gaussian-like MTFs, exp(-(f / f_c)^2), per domain of DEFAULT_SIMULATED_DOMAINS (cycles/mm): B30f smooth,
+# BONE sharp, STANDARD in between.
+KT_CUTOFFS = {"B30f": 0.45, "BONE": 0.9, "STANDARD": 0.6}
+
+
+def kernel_transfer_networks(
+    config: KernelTransferConfig | None = None,
+    *,
+    domains: Sequence[Domain] | None = None,
+    seed: int = 0,
+    residual: bool = True,
+    log_mtf: torch.Tensor | None = None,
+) -> tuple[KernelTransferGenerator, SourceEstimator]:
+    """A generator and source estimator with seeded, non-trivial weights (eval mode).
+
+    ``log_mtf`` (num_domains, num_knots - 1): the learned log MTFs (default: ``KT_CUTOFFS`` Gaussians);
+    ``residual`` False keeps the output layer at zero (an untrained residual: the output is the linear
+    transfer). The estimator's feature normalisation is set too, so every tensor of the file matters.
+    """
+    domains = list(domains) if domains is not None else list(DEFAULT_SIMULATED_DOMAINS)
+    config = config or KT_TINY
+    fork_devices: list[int] = []
+    with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+        torch.manual_seed(seed)
+        gen, est = KernelTransferGenerator(config), SourceEstimator(config)
+        if log_mtf is None:
+            f = config.knots[1:].float()
+            log_mtf = torch.stack([-(f / KT_CUTOFFS.get(d.name, 0.6)) ** 2 for d in domains])
+        gen.log_mtf.copy_(log_mtf)
+        torch.nn.init.normal_(gen.film.weight, std=0.05)
+        torch.nn.init.normal_(gen.film.bias, std=0.05)
+        if residual:
+            torch.nn.init.normal_(gen.out.weight, std=0.02)
+            torch.nn.init.normal_(gen.out.bias, std=0.001)
+        est.feature_mean.copy_(torch.randn(est.feature_mean.shape) * 0.5)
+        est.feature_std.copy_(torch.rand(est.feature_std.shape) + 0.5)
+    return gen.eval(), est.eval()
+
+
+def make_kernel_transfer_file(
+    path: str | os.PathLike[str],
+    *,
+    config: KernelTransferConfig | None = None,
+    domains: Sequence[Domain] | None = None,
+    iterations: int = 0,
+    seed: int = 0,
+    residual: bool = True,
+    log_mtf: torch.Tensor | None = None,
+    supported_pixel_mm: tuple[float, float] = (0.4, 1.0),
+    transfer_filters: list[dict] | None = None,
+) -> Path:
+    """Write a valid kernel-transfer model file (``kernel_transfer_networks``) and return its path.
+    Marked untrained unless ``iterations > 0``."""
+    domains = list(domains) if domains is not None else list(DEFAULT_SIMULATED_DOMAINS)
+    gen, est = kernel_transfer_networks(config, domains=domains, seed=seed, residual=residual,
+                                        log_mtf=log_mtf)
+    training = {"data": "none (seeded test weights)", "iterations": int(iterations), "texture_loss": False,
+                "code_version": "test"}
+    return save_kernel_transfer_model(
+        path, gen, est, domains, training, supported_pixel_mm=supported_pixel_mm,
+        intended_use="Tests only: seeded weights.", transfer_filters=transfer_filters,
     )

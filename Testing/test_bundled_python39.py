@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = [ROOT / "CTHarmonization", ROOT / "TextureStarGANCore"]
 MINIMUM = "3.9"
 # The engine's tests for what runs inside Slicer (model loading, preprocessing, inference, volume I/O, the
-# bundled default model); they need only the engine's own dependencies. Not here: the command line
-# (test_cli.py: tqdm, and its tests use 3.10+ features), figures (matplotlib), the trainer and evaluation.
+# bundled default model, kernel-transfer models); they need only the engine's own dependencies. Not here: the
+# command line (test_cli.py: tqdm, and its tests use 3.10+ features; test_kernel_transfer.py skips its
+# command-line tests without tqdm), figures (matplotlib), the trainer and evaluation.
 ENGINE_TESTS = ["test_domains.py", "test_preprocessing.py", "test_model_file.py", "test_inference.py",
                 "test_tiling.py", "test_volume_io.py", "test_networks.py", "test_texture.py",
-                "test_default_model.py"]
+                "test_default_model.py", "test_kernel_transfer.py"]
 
 
 def _vermin() -> list[str]:

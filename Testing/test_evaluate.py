@@ -7,16 +7,20 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from eval_dataset_factory import make_eval_dataset
-from model_factory import make_model_file
+from model_factory import make_kernel_transfer_file, make_model_file
 
 from TextureStarGANCore.config import ModelConfig
+from TextureStarGANCore.kernel_transfer import KernelTransferConfig
+from TextureStarGANCore.preprocessing import PreprocessSpec, hu_to_unit
 from Training import curves
 from Training.evaluate import main
 from Training.evaluation.curves import read_run
 from Training.evaluation.evaluate import EvaluationError, evaluate, quick_evaluate
+from Training.evaluation.metrics.harmonize import CanvasHarmonizer
 
 CANVAS = 128  # 4 mm pixels: big enough for lungs and NPS regions, small enough to be quick
 
@@ -168,6 +172,18 @@ def test_quick_evaluate_and_curves(setup, tmp_path):
     assert not (tmp_path / "c2").exists()
 
 
+def test_quick_evaluate_a_kernel_transfer_model(setup, tmp_path):
+    """The evaluation's CanvasHarmonizer runs a kernel-transfer model from each direction's source domain
+    at the dataset's pixel spacing."""
+    root, ds, _, _ = setup
+    kt = make_kernel_transfer_file(tmp_path / "kt.safetensors")
+    quick_evaluate(kt, ds, tmp_path / "eval.json", max_slices_per_domain=2, cache_dir=root / "cache")
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["models"][0]["path"] == str(kt)
+    pair = data["summary"][data["models"][0]["label"]]["B30f<->BONE"]
+    assert 10 < pair["psnr_after"] < 80
+
+
 def test_bad_input_writes_nothing(setup, tmp_path, monkeypatch, capsys):
     root, ds, m1, _ = setup
     out = tmp_path / "out"
@@ -191,3 +207,39 @@ def test_bad_input_writes_nothing(setup, tmp_path, monkeypatch, capsys):
     bad_model.write_bytes(b"not a model")
     assert main(["--dataset", str(ds), "--model", str(bad_model), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def _kt_chest() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    vol = np.full((3, 64, 64), -1000.0, dtype=np.float32)
+    vol[:, ((yy - 32) / 26) ** 2 + ((xx - 32) / 27) ** 2 < 1] = 40.0
+    return vol + rng.normal(0, 40, vol.shape).astype(np.float32)
+
+
+def _hf_power(img: np.ndarray, spacing_mm: float, above: float = 0.3) -> float:
+    spec = np.abs(np.fft.rfft2(img - img.mean(axis=(-2, -1), keepdims=True))) ** 2
+    f = np.hypot(np.fft.rfftfreq(img.shape[-1], spacing_mm)[None],
+                 np.fft.fftfreq(img.shape[-2], spacing_mm)[:, None])
+    return float(spec[..., f > above].mean())
+
+
+def test_canvas_harmonizer_runs_a_kernel_transfer_model(tmp_path):
+    config = KernelTransferConfig(num_domains=3, width=8, depth=3, max_gain=8.0)
+    same = -(config.knots[1:].float() / 0.5) ** 2
+    ident = make_kernel_transfer_file(tmp_path / "id.safetensors", config=config, residual=False,
+                                      log_mtf=same.expand(3, -1).clone())
+    spec = PreprocessSpec(canvas_size=64, pixel_spacing_mm=0.8)
+    canvases = hu_to_unit(_kt_chest(), spec)
+    h = CanvasHarmonizer(ident, batch_size=2)
+    assert h.kind == "kernel_transfer" and h.spec is None
+    h.check_compatible(spec, ["B30f", "BONE"])  # any canvas: the model runs at its pixel size
+    np.testing.assert_allclose(h(canvases, "BONE", source="B30f", spec=spec), canvases, atol=1e-5)
+    with pytest.raises(ValueError, match="spec="):
+        h(canvases, "BONE", source="B30f")
+    lin = CanvasHarmonizer(make_kernel_transfer_file(tmp_path / "l.safetensors", residual=False))
+    smooth = lin(canvases, "B30f", source="BONE", spec=spec)
+    assert smooth.dtype == np.float32 and smooth.min() >= -1 and smooth.max() <= 1
+    assert _hf_power(smooth, 0.8) < _hf_power(canvases, 0.8)
+    estimated = lin(canvases, "B30f", spec=spec)  # source estimated per slice
+    assert estimated.shape == canvases.shape

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from eval_dataset_factory import make_eval_dataset
-from model_factory import make_model_file
+from model_factory import make_kernel_transfer_file, make_model_file
 from simdata import TINY_SPEC, shared_dataset
 
 from TextureStarGANCore.config import ModelConfig
@@ -55,3 +55,16 @@ def test_every_direction_and_mode_is_measured(checked):
     assert full["B30f->BONE"]["hf_sd_target"] > full["BONE->B30f"]["hf_sd_target"]
     assert (out / "model_check.md").is_file()
     assert sorted(p.name for p in out.glob("*.png")) == ["m_B30f_to_BONE.png", "m_BONE_to_B30f.png"]
+
+
+def test_a_kernel_transfer_model_runs_on_the_full_canvas_only(tmp_path, one_torch_thread):
+    ds = make_eval_dataset(tmp_path / "ds", canvas=64, patients=1, slices=2, domains=("B30f", "BONE"))
+    model = make_kernel_transfer_file(tmp_path / "kt.safetensors", iterations=1)
+    rc = model_check.main([str(model), "--data", str(ds), "--out", str(tmp_path / "out"),
+                           "--slices-per-domain", "2", "--tiled"])  # nothing to tile: no canvas of its own
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "model_check.json").read_text())
+    per_dir = res["models"]["kt.safetensors [full canvas]"]
+    assert [m for m in res["models"] if m.startswith("kt")] == ["kt.safetensors [full canvas]"]
+    assert sorted(per_dir) == ["B30f->BONE", "BONE->B30f"]
+    assert all(10 < s["psnr_after"] < 80 for s in per_dir.values())

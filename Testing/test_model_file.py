@@ -373,3 +373,15 @@ def test_save_refuses_bad_input_and_writes_nothing(good_file: Path, tmp_path: Pa
     target.write_bytes(b"old")
     save_model_file(target, **args)
     assert load_model_file(target).config == mf.config and list(out.iterdir()) == [target]
+
+
+def test_model_kind_comes_from_the_architecture(good_file: Path, tmp_path: Path) -> None:
+    mf = load_model_file(good_file)
+    assert mf.kind == ckpt.KIND_STARGAN and mf.supported_pixel_mm is None  # no 'kind': StarGAN v2
+    p = _rewrite(good_file, tmp_path / "k.safetensors", card=_set("architecture.kind", "stargan_v2"))
+    assert load_model_file(p).kind == "stargan_v2"
+    p = _rewrite(good_file, tmp_path / "u.safetensors", card=_set("architecture.kind", "other"))
+    _refused(p, "unknown model kind 'other'", "update this software")
+    # A StarGAN v2 card that claims to be a kernel-transfer model lacks that kind's fields.
+    p = _rewrite(good_file, tmp_path / "kt.safetensors", card=_set("architecture.kind", "kernel_transfer"))
+    _refused(p, "missing field", "supported_pixel_mm")

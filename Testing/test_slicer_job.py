@@ -107,6 +107,20 @@ def test_a_pair_without_a_filter_in_the_child_is_an_input_error(scene, tmp_path)
     assert "Choose 'Network model'" in message and "--method" not in message
 
 
+def test_an_estimated_source_crosses_the_job_folder(scene, kt_model_path, tmp_path):
+    """A kernel-transfer job without a source: the child estimates it and the parent learns which."""
+    node = add_volume(scene, body_phantom(slices=2, size=64), name="no dicom")
+    job = logic.prepareHarmonization(node, "BONE", None, kt_model_path, "cpu", allowUntrained=True)
+    jobfiles.saveJob(job, tmp_path)
+    assert jobfiles.loadJob(tmp_path).source is None
+    assert jobfiles.runJobFolder(tmp_path) == jobfiles.EXIT_OK
+    finished = jobfiles.collectResult(job, tmp_path, jobfiles.EXIT_OK)
+    assert finished.source.name == finished.runInfo["source"]
+    assert finished.sourceFoundBy.startswith("estimated from the image (p=")
+    assert logic.finishHarmonization(finished, scene).GetAttribute("CTHarmonization.SourceKernel") == \
+        finished.source.name
+
+
 def test_child_process_gives_the_in_process_result(scene, model_path):
     """The GUI's path: the job runs in a child Python process polled through its folder."""
     job = prepared(scene, model_path)

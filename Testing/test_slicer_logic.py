@@ -379,3 +379,53 @@ def test_detected_kernel_line_for_the_gui(scene, model_path, ct_small_path, real
     node.SetAttribute("DICOM.instanceUIDs", " ".join(unknown.uids))
     assert "STD+" in logic.describeDetectedKernel(node, domains, unknown)
     assert "not one of the model's kernels" in logic.describeDetectedKernel(node, domains, unknown)
+
+
+def test_a_kernel_transfer_model_runs_with_a_chosen_or_estimated_source(scene, kt_model_path, ct_small_path):
+    node = add_volume(scene, body_phantom(slices=3, size=64), name="Chest")  # 0.7 mm pixels, no DICOM
+    voxels = voxels_of(node)
+    seen = []
+    out = logic.harmonizeVolumeNode(node, "B30f", sourceKernel="BONE", modelPath=kt_model_path, device="cpu",
+                                    progressCallback=lambda d, t: seen.append((d, t)), allowUntrained=True)
+    assert seen[-1] == (3, 3) and voxels_of(out).shape == voxels.shape
+    assert not np.array_equal(voxels_of(out), voxels)
+    np.testing.assert_array_equal(voxels_of(node), voxels)
+    attrs = {k: out.GetAttribute("CTHarmonization." + k) for k in
+             ("SourceKernel", "SourceKernelFrom", "TargetKernel", "Method", "Notes")}
+    assert attrs == {"SourceKernel": "BONE", "SourceKernelFrom": "chosen", "TargetKernel": "B30f",
+                     "Method": "model", "Notes": ""}
+    domains = logic.loadModel(kt_model_path).domains
+    assert "the model estimates it from the image" in logic.describeDetectedKernel(node, domains,
+                                                                                   canEstimate=True)
+    # No DICOM information: a kernel-transfer model estimates the source from the image.
+    job = logic.prepareHarmonization(node, "B30f", None, kt_model_path, "cpu", allowUntrained=True)
+    assert job.source is None and job.sourceFoundBy == "estimated"
+    job.run()
+    assert job.source.name == job.runInfo["source"]
+    assert job.sourceFoundBy.startswith("estimated from the image")
+    out = logic.finishHarmonization(job, scene)
+    assert out.GetAttribute("CTHarmonization.SourceKernelFrom").startswith("estimated from the image (p=")
+    # DICOM that names a model kernel is used as before.
+    db = FolderDicomDatabase([ct_small_path])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(db.uids))
+    job = logic.prepareHarmonization(node, "B30f", None, kt_model_path, "cpu", dicomDatabase=db,
+                                     allowUntrained=True)
+    assert (job.source.name, job.sourceFoundBy) == ("STANDARD", "DICOM")
+
+
+def test_a_kernel_transfer_model_refuses_a_reference_and_filters_with_its_linear_part(scene, kt_model_path):
+    node = add_volume(scene, body_phantom(slices=2, size=64), name="Chest")
+    other = add_volume(scene, body_phantom(slices=2, size=64, seed=2), name="B30f scan")
+    with pytest.raises(logic.HarmonizationInputError, match="kernel-transfer model.*Clear the reference"):
+        logic.prepareHarmonization(node, "B30f", "BONE", kt_model_path, "cpu", referenceNode=other,
+                                   allowUntrained=True)
+    # The filter needs a known source: no estimate for it.
+    with pytest.raises(logic.HarmonizationInputError, match="no DICOM information"):
+        logic.prepareHarmonization(node, "B30f", None, kt_model_path, "cpu", allowUntrained=True,
+                                   method="filter")
+    out = logic.harmonizeVolumeNode(node, "B30f", sourceKernel="BONE", modelPath=kt_model_path, device="cpu",
+                                    allowUntrained=True, method="filter")
+    assert out.GetAttribute("CTHarmonization.Method") == "filter"
+    summary = logic.modelCardSummary(logic.loadModel(kt_model_path))
+    assert "kernel transfer" in summary and "supported pixel size 0.4-1 mm" in summary
+    assert "canvas" not in summary and "every other pair: the model's own linear transfer" in summary

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,29 +163,42 @@ def _check_png_path(png: Path, overwrite: bool, output: Path, input_path: Path) 
         raise _UsageError(f"--compare-png {png} already exists; pass --overwrite to replace it.")
 
 
-def _source_domain(args: argparse.Namespace, volume: CTVolume,
-                   domains: list[Domain]) -> tuple[Domain | None, str]:
-    """The source domain (None for a kernel the model was not trained on) and how to name the source.
+SOURCE_USER, SOURCE_TAGS, SOURCE_ESTIMATE, SOURCE_FOREIGN = "user", "tags", "estimate", "foreign"
+ESTIMATED_LABEL = "source kernel estimated from the image"
 
-    The generator takes only the target style, so a foreign source kernel does not change the output; it
-    is accepted with a note, since the model never saw that kernel."""
+
+def _source_domain(args: argparse.Namespace, volume: CTVolume,
+                   model: ModelFile) -> tuple[Domain | None, str, str]:
+    """The source domain (None for a kernel the model was not trained on, or one still to be estimated),
+    how to name the source, and where it came from (``SOURCE_*``).
+
+    A StarGAN v2 generator takes only the target style, so a foreign source kernel does not change the
+    output; it is accepted with a note, since the model never saw that kernel. A kernel-transfer model needs
+    the source: when neither --source nor the tags name one of its kernels it is estimated from the image."""
     from .domains import describe_domains, resolve_domain
     from .inference import detect_source
+    from .model_file import KIND_KERNEL_TRANSFER
 
+    domains = model.domains
     if args.source is not None:
         domain = resolve_domain(domains, args.source)
-        return domain, domain.name
+        return domain, domain.name, SOURCE_USER
     found = detect_source(volume, domains)
     if found is not None:
-        return found, found.name
+        return found, found.name, SOURCE_TAGS
     kernel = volume.tags.get("ConvolutionKernel", "").strip()
+    scanner = " ".join(volume.tags.get(k, "") for k in ("Manufacturer", "ManufacturerModelName")).strip()
+    what = (f"the input's reconstruction kernel is {kernel}{f' ({scanner})' if scanner else ''}, which is "
+            f"not one of this model's training kernels ({', '.join(d.kernel for d in domains)})")
+    if model.kind == KIND_KERNEL_TRANSFER:
+        why = what if kernel else "no DICOM tags tell the input's kernel"
+        print(f"note: {why}; the source kernel is estimated from the image (or name it with --source).",
+              file=sys.stderr)
+        return None, ESTIMATED_LABEL, SOURCE_ESTIMATE
     if kernel:
-        scanner = " ".join(volume.tags.get(k, "") for k in ("Manufacturer", "ManufacturerModelName")).strip()
-        print(f"note: the input's reconstruction kernel is {kernel}{f' ({scanner})' if scanner else ''}, "
-              f"which is not one of this model's training kernels ({', '.join(d.kernel for d in domains)}); "
-              "it is harmonized all the same (the source kernel does not change the output), but the "
-              "result may be less reliable.", file=sys.stderr)
-        return None, f"kernel {kernel} (not a training kernel of the model)"
+        print(f"note: {what}; it is harmonized all the same (the source kernel does not change the output), "
+              "but the result may be less reliable.", file=sys.stderr)
+        return None, f"kernel {kernel} (not a training kernel of the model)", SOURCE_FOREIGN
     raise _UsageError("cannot tell the input's source kernel: it carries no DICOM tags. Name it with "
                       f"--source; this model knows: {describe_domains(domains)}")
 
@@ -235,8 +249,9 @@ class _Plan:
     """A checked harmonization request: everything is known to be valid before computing."""
 
     target: Domain
-    source: Domain | None  # None: a kernel the model was not trained on
+    source: Domain | None  # None: a kernel the model was not trained on, or one to estimate
     source_label: str
+    source_from: str  # SOURCE_*
     volume: CTVolume
     kind: str  # output kind
     order: tuple[int, int, int]  # array axes that make the volume axial
@@ -267,8 +282,8 @@ def _prepare(args: argparse.Namespace, model: ModelFile) -> _Plan:
     order, axial_hu, spacing = _axial(volume)
     validate_ct_spacing(spacing, str(args.input))
     _check_can_write(args, volume, kind)
-    source, label = _source_domain(args, volume, model.domains)
-    return _Plan(target, source, label, volume, kind, order, axial_hu, spacing)
+    source, label, source_from = _source_domain(args, volume, model)
+    return _Plan(target, source, label, source_from, volume, kind, order, axial_hu, spacing)
 
 
 def _compute(plan: _Plan, harmonizer: Any, args: argparse.Namespace, interrupts: _Interrupts) -> np.ndarray:
@@ -276,8 +291,13 @@ def _compute(plan: _Plan, harmonizer: Any, args: argparse.Namespace, interrupts:
     import numpy as np
     from tqdm import tqdm
 
-    from .inference import HarmonizationCancelled
+    from .inference import HarmonizationCancelled, PixelSizeWarning
 
+    # A kernel-transfer model chooses the source itself from the tags (or estimates it) and records how;
+    # a user's --source is passed on. A StarGAN v2 model only records the source.
+    source = plan.source.id if plan.source is not None else None
+    if getattr(harmonizer, "kind", None) == "kernel_transfer" and plan.source_from != SOURCE_USER:
+        source = None
     with tqdm(total=plan.axial_hu.shape[0], unit="slice", desc="harmonizing", file=sys.stderr,
               disable=None) as bar:
         def progress(done: int, total: int) -> None:
@@ -285,10 +305,12 @@ def _compute(plan: _Plan, harmonizer: Any, args: argparse.Namespace, interrupts:
 
         interrupts.computing = True
         try:
-            result = harmonizer.harmonize(
-                plan.axial_hu, plan.spacing, plan.target.id, source=plan.source.id if plan.source else None,
-                progress=progress, cancel=interrupts.cancel, fine_detail=args.fine_detail,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PixelSizeWarning)  # printed before the run
+                result = harmonizer.harmonize(
+                    plan.axial_hu, plan.spacing, plan.target.id, source=source, progress=progress,
+                    cancel=interrupts.cancel, fine_detail=args.fine_detail, tags=plan.volume.tags,
+                )
         except HarmonizationCancelled:
             raise KeyboardInterrupt from None
         finally:
@@ -298,9 +320,12 @@ def _compute(plan: _Plan, harmonizer: Any, args: argparse.Namespace, interrupts:
     return result.transpose(np.argsort(plan.order))
 
 
+_SOURCE_FROM_TEXT = {"user": "given with --source", "tags": "from the DICOM tags"}
+
+
 def _harmonize(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     from .domains import harmonization_description
-    from .inference import Harmonizer
+    from .inference import Harmonizer, pixel_size_note
 
     model = _load_model(args.model)
     plan = _prepare(args, model)
@@ -322,9 +347,19 @@ def _harmonize(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     print(f"{args.input}: {n} slices of {rows} x {cols}, spacing "
           f"{', '.join(f'{v:.3g}' for v in plan.spacing)} mm; {plan.source_label} -> {plan.target.name} on "
           f"{harmonizer.device}", file=sys.stderr)
+    if getattr(harmonizer, "filter_origin", None):
+        print(f"note: linear transfer filter: {harmonizer.filter_origin}", file=sys.stderr)
+    note = pixel_size_note(model, plan.spacing[:2]) if args.method == "model" else None
+    if note is not None:
+        print(f"warning: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     result = _compute(plan, harmonizer, args, interrupts)
     seconds = time.perf_counter() - t0
+    run = harmonizer.last_run
+    if run.get("source_from"):  # kernel transfer: the source the model used, and how it was chosen
+        plan.source_label = run["source"]
+        how = _SOURCE_FROM_TEXT.get(run["source_from"], run["source_from"])
+        print(f"source kernel: {run['source']} ({how})", file=sys.stderr)
     _write_outputs(args, plan.volume, result, harmonization_description(plan.target, plan.source_label),
                    (plan.source_label, plan.target.name))
     print(f"wrote {args.output} ({'DICOM derived series' if plan.kind == 'dicom' else plan.kind}) in "
@@ -379,16 +414,29 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model file: {model.path}")
     if not model.trained:
         print("WARNING: untrained (random) weights; `harmonize` refuses this model.")
-    print(f"architecture: img_size {cfg.img_size}, widths {cfg.base_width}->{cfg.max_width}, "
-          f"style {cfg.style_dim}, latent {cfg.latent_dim}")
-    print(f"preprocessing: canvas {spec.canvas_size} px at {spec.pixel_spacing_mm:g} mm, HU window "
-          f"{spec.hu_window[0]:g}..{spec.hu_window[1]:g}, background {spec.background_hu:g} HU")
+    if spec is None:  # kernel transfer: native pixel size, no canvas
+        lo, hi = model.supported_pixel_mm or (0.0, 0.0)
+        print("kind: kernel transfer (learned linear MTF transfer + residual network, at the input's own "
+              "pixel size; source kernel from --source, the DICOM tags, or estimated from the image)")
+        print(f"architecture: width {cfg.width}, depth {cfg.depth}, max gain {cfg.max_gain:g}, "
+              f"{cfg.num_knots} MTF knots every {cfg.knot_step_per_mm:g} cycles/mm")
+        print(f"supported pixel size: {lo:g} to {hi:g} mm (other sizes are harmonized with a warning)")
+    else:
+        print("kind: StarGAN v2 (texture-aware generator on a fixed canvas)")
+        print(f"architecture: img_size {cfg.img_size}, widths {cfg.base_width}->{cfg.max_width}, "
+              f"style {cfg.style_dim}, latent {cfg.latent_dim}")
+        print(f"preprocessing: canvas {spec.canvas_size} px at {spec.pixel_spacing_mm:g} mm, HU window "
+              f"{spec.hu_window[0]:g}..{spec.hu_window[1]:g}, background {spec.background_hu:g} HU")
     print("domains:")
     for d in model.domains:
         print(f"  {d.id}: {d.name}  ({d.display_name}; manufacturer {d.manufacturer}, "
               f"model {d.scanner_model}, kernel {d.kernel})")
     pairs = ", ".join(f"{a} -> {b}" for a, b in model.transfer_filter_pairs)
-    print(f"transfer filters (--method filter): {pairs or 'none'}")
+    if spec is None:
+        print(f"transfer filters (--method filter): {pairs + '; ' if pairs else ''}every other pair: the "
+              "model's own linear transfer")
+    else:
+        print(f"transfer filters (--method filter): {pairs or 'none'}")
     training = card.get("training", {})
     print(f"training: {training.get('iterations')} iterations, texture loss "
           f"{'on' if training.get('texture_loss') else 'off'}, data: {training.get('data')}")

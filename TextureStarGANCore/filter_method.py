@@ -2,8 +2,10 @@
 
 For users without a GPU or who want a transparent, linear mapping. The filters are stored in the model
 card per (source, target) domain pair (fitted by ``Training.export`` on paired training slices); a pair
-without one is refused with a plain message. :class:`FilterHarmonizer` has the call signature of
-``Harmonizer.harmonize`` so the command line and the Slicer module can run either method.
+without one is refused with a plain message, except in a kernel-transfer model file: its generator's own
+linear part (the learned MTF ratio, ``kernel_transfer.linear_transfer_filter``) is the filter then.
+:class:`FilterHarmonizer` has the call signature of ``Harmonizer.harmonize`` so the command line and the
+Slicer module can run either method.
 
 Runs on Python 3.9 (bundled into the Slicer extension).
 """
@@ -18,15 +20,23 @@ from typing import Any
 import numpy as np
 
 from .domains import Domain, resolve_domain
-from .model_file import ModelFile
+from .kernel_transfer import linear_transfer_filter
+from .model_file import KIND_KERNEL_TRANSFER, ModelFile, instantiate
 from .transfer_filter import TransferFilter
 from .volume_io import validate_ct_values
 
-__all__ = ["FilterHarmonizer", "NoFilterError"]
+__all__ = ["FilterHarmonizer", "NoFilterError", "model_linear_filter"]
 
 
 class NoFilterError(ValueError):
     """The model file has no fitted transfer filter for the requested (source, target) pair."""
+
+
+def model_linear_filter(model_file: ModelFile, source: Domain, target: Domain) -> TransferFilter:
+    """The linear part of a kernel-transfer model's generator from ``source`` to ``target``."""
+    generator = instantiate(model_file, "cpu")["generator"]
+    return linear_transfer_filter(generator, source.id, target.id,
+                                  f"linear part of {model_file.path.name}: {source.name} -> {target.name}")
 
 
 class FilterHarmonizer:
@@ -35,10 +45,16 @@ class FilterHarmonizer:
     device = "cpu (linear transfer filter)"
 
     def __init__(self, model_file: ModelFile, source: Domain, target: Domain) -> None:
+        # None: the card's fitted filter (or the identity); else where the filter came from, for the user.
+        self.filter_origin: str | None = None
         if source.name == target.name:
             self.filter = TransferFilter(np.array([0.0, 1.0]), np.array([1.0, 1.0]), "identity")
         else:
             found = model_file.transfer_filter(source, target)
+            if found is None and model_file.kind == KIND_KERNEL_TRANSFER:
+                found = model_linear_filter(model_file, source, target)
+                self.filter_origin = (f"the model's own linear transfer {source.name} -> {target.name} (its "
+                                      "card has no fitted filter for this pair)")
             if found is None:
                 pairs = ", ".join(f"{a} -> {b}" for a, b in model_file.transfer_filter_pairs) or "none"
                 raise NoFilterError(
@@ -84,5 +100,6 @@ class FilterHarmonizer:
         else:
             result = out.astype(arr.dtype, copy=False)
         self.last_run = {"method": "filter", "source": self.source.name, "target": self.target.name,
-                         "slices": int(arr.shape[0]), "seconds": round(time.perf_counter() - t0, 3)}
+                         "slices": int(arr.shape[0]), "seconds": round(time.perf_counter() - t0, 3),
+                         "filter": self.filter_origin or self.filter.description}
         return result

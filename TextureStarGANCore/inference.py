@@ -15,6 +15,14 @@ kernel) the style encoder gives the style instead: the mean of E(x, y_target) ov
 implicit in the image), so the source only gets validated against the model's domains and recorded in
 ``last_run``. Same input, model and device give identical output (fixed slice order, no randomness,
 deterministic algorithms requested while running).
+
+Kernel-transfer models (``kernel_transfer.py``, model kind "kernel_transfer") run at the input's own pixel
+size: no canvas, no tiling, no target style. Their generator needs the source kernel, chosen in this order:
+the ``source`` argument, the DICOM ``tags`` (``detect_source``), else the ``SourceEstimator``'s mean domain
+probabilities over up to ``SOURCE_ESTIMATE_SLICES`` evenly spaced slices (the most likely domain is used);
+``last_run["source_from"]`` records which. A pixel size outside the card's ``supported_pixel_mm`` is
+harmonized with a ``PixelSizeWarning``. They run in float32 on every device: the network is small, and
+autocast would round the per-domain log MTFs of the linear transfer to 16 bits.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +42,43 @@ import numpy as np
 import torch
 
 from .domains import Domain, UnknownDomainError, detect_domain, harmonization_record, resolve_domain
-from .model_file import ModelFile, instantiate, load_model_file
+from .model_file import KIND_KERNEL_TRANSFER, ModelFile, instantiate, load_model_file
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
 from .volume_io import CTVolume, cast_clipped, validate_ct_spacing, validate_ct_values
 
-__all__ = ["Harmonizer", "HarmonizationCancelled", "detect_source", "resolve_device",
-           "REFERENCE_SLICES", "run_generator_tiled", "tile_starts", "tile_window"]
+__all__ = ["Harmonizer", "HarmonizationCancelled", "PixelSizeWarning", "detect_source", "pixel_size_note",
+           "resolve_device", "REFERENCE_SLICES", "SOURCE_ESTIMATE_SLICES", "run_generator_tiled",
+           "tile_starts", "tile_window"]
 
 ProgressFn = Callable[[int, int], Any]
 GeneratorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 REFERENCE_SLICES = 32  # enough slices for a stable mean style, few enough to stay fast
+SOURCE_ESTIMATE_SLICES = 16  # slices the source estimator averages over (kernel-transfer models)
 
 
 class HarmonizationCancelled(RuntimeError):
     """Raised when the ``cancel`` event was set; nothing was returned or written."""
+
+
+class PixelSizeWarning(UserWarning):
+    """The input's pixel size lies outside the range a kernel-transfer model was trained for."""
+
+
+def pixel_size_note(model_file: ModelFile, spacing_xy: Sequence[float]) -> str | None:
+    """A warning text when the in-plane pixel size (x, y) mm lies outside the model's
+    ``supported_pixel_mm``; None when inside, and always for StarGAN v2 models (their canvas resamples)."""
+    supported = model_file.supported_pixel_mm
+    if supported is None:
+        return None
+    lo, hi = supported
+    sx, sy = float(spacing_xy[0]), float(spacing_xy[1])
+    tol = 1e-6
+    if all(lo - tol <= v <= hi + tol for v in (sx, sy)):
+        return None
+    size = f"{sx:.3g} mm" if abs(sx - sy) < tol else f"{sx:.3g} x {sy:.3g} mm"
+    return (f"the input's pixel size ({size}) is outside the range this model supports ({lo:g} to {hi:g} "
+            "mm); it is harmonized all the same, but the result may be less reliable (resample the input "
+            "to a pixel size in that range for the best result)")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -216,10 +248,12 @@ class Harmonizer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         nets = instantiate(model_file, self.device)
         self._generator = nets["generator"]
-        self._style_encoder = nets["style_encoder"]
-        if self.device.type == "cuda":
+        self._style_encoder = nets.get("style_encoder")  # StarGAN v2
+        self._estimator = nets.get("source_estimator")  # kernel transfer
+        if self.device.type == "cuda" and self._style_encoder is not None:
             self._generator = self._generator.to(memory_format=torch.channels_last)
-        self._styles = model_file.domain_styles.to(self.device, torch.float32)
+        styles = model_file.domain_styles
+        self._styles = styles.to(self.device, torch.float32) if styles is not None else None
         _check_batch_size(batch_size)
         self.batch_size = batch_size or self._default_batch_size()
         self.last_run: dict[str, Any] = {}
@@ -249,7 +283,18 @@ class Harmonizer:
         return copy.deepcopy(self._file.card)
 
     @property
-    def preprocessing(self) -> PreprocessSpec:
+    def kind(self) -> str:
+        """The model kind: "stargan_v2" or "kernel_transfer" (``ModelFile.kind``)."""
+        return self._file.kind
+
+    @property
+    def supported_pixel_mm(self) -> tuple[float, float] | None:
+        """(min, max) pixel size in mm of a kernel-transfer model; None for StarGAN v2."""
+        return self._file.supported_pixel_mm
+
+    @property
+    def preprocessing(self) -> PreprocessSpec | None:
+        """The canvas of a StarGAN v2 model; None for a kernel-transfer model (native pixel size)."""
         return self._file.preprocessing
 
     @property
@@ -268,6 +313,9 @@ class Harmonizer:
         return detect_source(volume, self._file.domains)
 
     def _default_batch_size(self) -> int:
+        if self._file.preprocessing is None:
+            # Kernel transfer at native size: small network, an FFT per slice. 512^2 slices in float32.
+            return 16 if self.device.type == "cuda" else 2
         size = self._file.preprocessing.canvas_size
         if self.device.type == "cuda":
             # Start big; an out-of-memory error halves it. 512^2 canvases: 32 slices per batch
@@ -285,8 +333,14 @@ class Harmonizer:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
+    def _require_stargan(self, what: str) -> None:
+        if self._styles is None:
+            raise ValueError(f"{what} needs a StarGAN v2 model; {self._file.path.name} is a {self.kind} "
+                             "model, whose target is a domain (no style)")
+
     def target_style(self, target: str | int) -> torch.Tensor:
         """The stored (deterministic) style of the target domain, shape (1, style_dim)."""
+        self._require_stargan("a target style")
         return self._styles[self.resolve(target).id].unsqueeze(0)
 
     def reference_style(self, reference: Any, target: str | int,
@@ -304,6 +358,7 @@ class Harmonizer:
         if ref_spacing is None:
             raise ValueError("reference spacing unknown: pass a CTVolume, an (array, spacing) pair, or "
                              "reference_spacing")
+        self._require_stargan("a reference style")
         ref = np.asarray(ref)
         validate_ct_values(ref, "the reference volume")
         sx, sy, _ = _check_spacing(ref_spacing, "reference spacing")
@@ -340,6 +395,7 @@ class Harmonizer:
         batch_size: int | None = None,
         reference_spacing: Sequence[float] | None = None,
         fine_detail: str = "scaled",
+        tags: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
         """Harmonize ``volume`` (slices, rows, cols) in HU to the ``target`` kernel; same shape and dtype.
 
@@ -349,7 +405,12 @@ class Harmonizer:
         ``progress(done, total)`` is called after every batch of slices;
         setting ``cancel`` stops before the next batch with ``HarmonizationCancelled``.
         ``fine_detail`` ("scaled", "keep", "drop"): what happens to detail finer than the model's canvas
-        pixels (see ``preprocessing.from_canvas``).
+        pixels (see ``preprocessing.from_canvas``; StarGAN v2 only).
+
+        Kernel-transfer models (``kind == "kernel_transfer"``) take the source kernel from ``source``, else
+        from the DICOM ``tags`` (Manufacturer, ManufacturerModelName, ConvolutionKernel, ...), else estimate
+        it from the image; ``last_run`` records the source and how it was chosen. They refuse ``reference``
+        (``ValueError``) and warn (``PixelSizeWarning``) about pixel sizes outside ``supported_pixel_mm``.
         """
         arr = np.asarray(volume)
         validate_ct_values(arr, "the input volume")
@@ -359,9 +420,17 @@ class Harmonizer:
         _check_batch_size(batch_size)
         if fine_detail not in ("scaled", "keep", "drop"):
             raise ValueError(f"fine_detail must be 'scaled', 'keep' or 'drop', got {fine_detail!r}")
+        if reference is not None and self._file.kind == KIND_KERNEL_TRANSFER:
+            raise ValueError(
+                f"{self._file.path.name} is a kernel-transfer model: it maps one kernel domain to another "
+                "and takes no reference volume; harmonize to the target domain without a reference"
+            )
         if cancel is not None and cancel.is_set():
             raise HarmonizationCancelled("harmonization cancelled before it started")
         t0 = time.perf_counter()
+        if self._file.kind == KIND_KERNEL_TRANSFER:
+            return self._harmonize_native(arr, (sx, sy), tgt, src, tags, progress, cancel,
+                                          batch_size or self.batch_size, t0)
         if reference is not None:
             style = self.reference_style(reference, tgt.id, reference_spacing or spacing)
             mode = "reference"
@@ -381,9 +450,18 @@ class Harmonizer:
     def _run(self, arr: np.ndarray, spacing_xy: tuple[float, float], style: torch.Tensor,
              progress: ProgressFn | None, cancel: threading.Event | None, batch_size: int,
              fine_detail: str = "scaled") -> np.ndarray:
-        n = arr.shape[0]
         spec = self._file.preprocessing
         center = body_center(arr, spacing_xy)
+        return self._run_batches(
+            arr, lambda s: self._batch(s, spacing_xy, spec, center, style, fine_detail), progress, cancel,
+            batch_size)
+
+    def _run_batches(self, arr: np.ndarray, batch_fn: Callable[[np.ndarray], np.ndarray],
+                     progress: ProgressFn | None, cancel: threading.Event | None,
+                     batch_size: int) -> np.ndarray:
+        """``batch_fn`` over consecutive slices in a fixed order: progress after each batch, cancel before
+        the next, and a CUDA out-of-memory error halves the batch and retries it."""
+        n = arr.shape[0]
         out = np.empty(arr.shape, dtype=np.float32)
         done, bs = 0, batch_size
         with torch.inference_mode(), _deterministic(self.device):
@@ -392,7 +470,7 @@ class Harmonizer:
                     raise HarmonizationCancelled(f"harmonization cancelled after {done} of {n} slices")
                 end = min(n, done + bs)
                 try:
-                    out[done:end] = self._batch(arr[done:end], spacing_xy, spec, center, style, fine_detail)
+                    out[done:end] = batch_fn(arr[done:end])
                 except torch.cuda.OutOfMemoryError:
                     if bs == 1:
                         raise RuntimeError("CUDA out of memory even with one slice per batch; free GPU "
@@ -419,6 +497,84 @@ class Harmonizer:
             g_out = run_generator_tiled(self._generator, g_in, style, spec.tile_size)
         result = from_canvas(g_out[:, 0], placement, x, fine_detail=fine_detail)
         return result.cpu().numpy()
+
+
+    # ---------------------------------------------------------------------------------------------
+    # Kernel-transfer models: native pixel size
+    # ---------------------------------------------------------------------------------------------
+    def estimate_source(self, volume: np.ndarray,
+                        spacing: Sequence[float]) -> tuple[Domain, dict[str, float]]:
+        """The most likely source domain of ``volume`` (slices, rows, cols) in HU and the mean domain
+        probabilities (name -> p) over up to ``SOURCE_ESTIMATE_SLICES`` evenly spaced slices
+        (kernel-transfer models only: their ``SourceEstimator`` reads the slices' noise/detail spectrum)."""
+        if self._estimator is None:
+            raise ValueError(f"{self._file.path.name} is a {self.kind} model: it has no source estimator")
+        arr = np.asarray(volume)
+        validate_ct_values(arr, "the input volume")
+        sx, sy, _ = _check_spacing(spacing)
+        return self._estimate(arr, (sx, sy))
+
+    def _estimate(self, arr: np.ndarray, spacing_xy: tuple[float, float]) -> tuple[Domain, dict[str, float]]:
+        count = min(SOURCE_ESTIMATE_SLICES, arr.shape[0])
+        picks = np.unique(np.linspace(0, arr.shape[0] - 1, count).round().astype(int))
+        total = torch.zeros(len(self._file.domains), dtype=torch.float64)
+        with torch.inference_mode(), _deterministic(self.device):
+            for start in range(0, len(picks), 8):
+                idx = picks[start:start + 8]
+                x = torch.from_numpy(np.ascontiguousarray(arr[idx], dtype=np.float32)).to(self.device)
+                total += self._estimator(x[:, None], spacing_xy).double().sum(0).cpu()
+        probs = (total / len(picks)).numpy()
+        domain = self._file.domains[int(np.argmax(probs))]
+        return domain, {d.name: round(float(probs[i]), 4) for i, d in enumerate(self._file.domains)}
+
+    def _choose_source(self, arr: np.ndarray, spacing_xy: tuple[float, float], source: Domain | None,
+                       tags: Mapping[str, Any] | None) -> tuple[Domain, str, dict[str, float] | None]:
+        """(source domain, how it was chosen, estimated probabilities or None): the caller's, the tags', or
+        the estimator's."""
+        if source is not None:
+            return source, "user", None
+        if tags:
+            found = detect_source(dict(tags), self._file.domains)
+            if found is not None:
+                return found, "tags", None
+        domain, probs = self._estimate(arr, spacing_xy)
+        return domain, f"estimated from the image (p={probs[domain.name]:.2f})", probs
+
+    def _harmonize_native(self, arr: np.ndarray, spacing_xy: tuple[float, float], tgt: Domain,
+                          src: Domain | None, tags: Mapping[str, Any] | None, progress: ProgressFn | None,
+                          cancel: threading.Event | None, batch_size: int, t0: float) -> np.ndarray:
+        """Kernel transfer of every slice at its own pixel size (no canvas)."""
+        notes = []
+        note = pixel_size_note(self._file, spacing_xy)
+        if note is not None:
+            warnings.warn(note, PixelSizeWarning, stacklevel=3)
+            notes.append(note)
+        source, how, probs = self._choose_source(arr, spacing_xy, src, tags)
+        if cancel is not None and cancel.is_set():
+            raise HarmonizationCancelled("harmonization cancelled before it started")
+        out_f = self._run_batches(
+            arr, lambda s: self._native_batch(s, spacing_xy, source.id, tgt.id), progress, cancel, batch_size)
+        out = cast_clipped(out_f, arr.dtype)
+        self.last_run = {
+            "target": tgt.name, "source": source.name, "source_from": how, "kind": self.kind,
+            "device": str(self.device), "slices": int(arr.shape[0]),
+            "seconds": round(time.perf_counter() - t0, 3), "model": str(self._file.path),
+            "pixel_mm": [spacing_xy[0], spacing_xy[1]], "notes": notes,
+        }
+        if probs is not None:
+            self.last_run["source_probabilities"] = probs
+        return out
+
+    def _native_batch(self, slices: np.ndarray, spacing_xy: tuple[float, float], source: int,
+                      target: int) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        n = x.shape[0]
+        src = torch.full((n,), source, dtype=torch.long, device=self.device)
+        tgt = torch.full((n,), target, dtype=torch.long, device=self.device)
+        y = self._generator(x[:, None], [spacing_xy] * n, src, tgt)  # float32: see the module docstring
+        return y[:, 0].float().cpu().numpy()
 
 
 def _fit_square(canvas: torch.Tensor, size: int, fill: float) -> torch.Tensor:

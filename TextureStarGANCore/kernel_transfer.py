@@ -25,12 +25,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .transfer_filter import TransferFilter
+
 __all__ = ["KernelTransferConfig", "KernelTransferGenerator", "SourceEstimator", "spectral_features",
-           "HU_SCALE", "HU_MIN", "HU_MAX", "PAD_MM"]
+           "linear_transfer_filter", "HU_SCALE", "HU_MIN", "HU_MAX", "PAD_MM"]
 
 HU_SCALE = 500.0  # network inputs and residual in units of 500 HU: soft tissue and lung within a few units
 HU_MIN, HU_MAX = -1024.0, 3071.0  # inputs are clipped to the 12-bit CT range (scanner padding included)
@@ -194,6 +197,22 @@ class KernelTransferGenerator(nn.Module):
         x = torch.clamp(x_hu, HU_MIN, HU_MAX)
         x_lin = self.linear(x, spacing_xy, src, tgt)
         return x_lin + self.residual(x, x_lin, src, tgt)
+
+
+@torch.no_grad()
+def linear_transfer_filter(generator: KernelTransferGenerator, source: int, target: int,
+                           description: str = "") -> TransferFilter:
+    """The generator's linear part from domain index ``source`` to ``target`` as a ``TransferFilter``: the
+    gain exp(log_gain) at the knots (``config.knots``, cycles/mm), the last gain beyond the last knot.
+
+    The generator interpolates the log gain between knots and the filter the gain itself, so the two differ
+    slightly between knots (knots are 0.05 cycles/mm apart by default); at the knots they agree."""
+    d, device = generator.config.num_domains, generator.log_mtf.device
+    src = _domain_weights([int(source)], d, device)
+    tgt = _domain_weights([int(target)], d, device)
+    log_gain = generator.log_gain(src, tgt)[0]
+    gain = np.exp(log_gain.detach().double().cpu().numpy())
+    return TransferFilter(generator.config.knots.numpy(), gain, description)
 
 
 def spectral_features(x_hu: torch.Tensor, spacing_xy: Sequence[float], bands: int,

@@ -1,6 +1,14 @@
-"""The model file: one `.safetensors` file with the EMA inference weights and a JSON model card.
+"""The model file: one `.safetensors` file with the inference weights and a JSON model card.
 
-Layout: tensors `generator.*`, `mapping_network.*`, `style_encoder.*` (the EMA copies, float32) and
+Two kinds of model share the format; the card's ``architecture.kind`` tells them apart (see DESIGN.md):
+
+- StarGAN v2 (no ``kind``, or ``"stargan_v2"``): layout below, canvas preprocessing, stored target styles.
+- Kernel transfer (``"kernel_transfer"``, ``kernel_transfer.py``): tensors ``generator.*`` (the
+  ``KernelTransferGenerator``) and ``source_estimator.*`` (the ``SourceEstimator``, buffers included); the
+  card has ``supported_pixel_mm`` instead of ``preprocessing`` and ``target_styles``. Written by
+  ``save_kernel_transfer_model``.
+
+StarGAN v2 layout: tensors `generator.*`, `mapping_network.*`, `style_encoder.*` (the EMA copies, float32) and
 `domain_styles` (num_domains, style_dim); metadata `{"format": "ct-harmonization-model", "model_card": <json>,
 "weights_sha256": <hex>}`. safetensors stores raw tensors only, so loading can never execute code, and pickle
 files are recognised by their first bytes and refused without being read further.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +39,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .domains import Domain
 from .fileio import write_bytes_atomic
+from .kernel_transfer import KernelTransferConfig, KernelTransferGenerator, SourceEstimator
 from .networks import build_networks
 from .preprocessing import PreprocessSpec
 from .transfer_filter import TransferFilter
@@ -48,6 +58,20 @@ CARD_FIELDS = (
     "intended_use", "created",
 )
 
+KIND_STARGAN = "stargan_v2"
+KIND_KERNEL_TRANSFER = "kernel_transfer"
+MODEL_KINDS = (KIND_STARGAN, KIND_KERNEL_TRANSFER)
+KERNEL_TRANSFER_NETWORKS = ("generator", "source_estimator")
+KERNEL_TRANSFER_CARD_FIELDS = (
+    "format_version", "architecture", "domains", "supported_pixel_mm", "training", "metrics", "intended_use",
+    "created",
+)
+DEFAULT_SUPPORTED_PIXEL_MM = (0.4, 1.0)
+DEFAULT_INTENDED_USE = (
+    "Research use: harmonize CT slices between reconstruction kernels for quantitative analysis. "
+    "Not for diagnosis."
+)
+
 # First bytes of files that must never be handed to a deserializer that can run code.
 _PICKLE_SIGNATURES = {
     b"PK\x03\x04": "a zip-based PyTorch checkpoint (torch.save)",
@@ -62,15 +86,35 @@ class ModelFileError(ValueError):
 
 @dataclass
 class ModelFile:
-    """A loaded and fully validated model file (weights on CPU)."""
+    """A loaded and fully validated model file (weights on CPU).
+
+    ``config`` is a ``ModelConfig`` (StarGAN v2) or a ``KernelTransferConfig``; ``preprocessing`` and
+    ``domain_styles`` exist for StarGAN v2 models only (None for kernel transfer, which runs at the input's
+    own pixel size). ``state_dicts`` holds one entry per network (``INFERENCE_NETWORKS`` or
+    ``KERNEL_TRANSFER_NETWORKS``).
+    """
 
     path: Path
-    config: ModelConfig
+    config: ModelConfig | KernelTransferConfig
     card: dict[str, Any]
     domains: list[Domain]
-    preprocessing: PreprocessSpec
+    preprocessing: PreprocessSpec | None
     state_dicts: dict[str, dict[str, Tensor]]
-    domain_styles: Tensor
+    domain_styles: Tensor | None
+
+    @property
+    def kind(self) -> str:
+        """``KIND_STARGAN`` ("stargan_v2") or ``KIND_KERNEL_TRANSFER`` ("kernel_transfer")."""
+        return KIND_KERNEL_TRANSFER if isinstance(self.config, KernelTransferConfig) else KIND_STARGAN
+
+    @property
+    def supported_pixel_mm(self) -> tuple[float, float] | None:
+        """(min, max) in-plane pixel size in mm a kernel-transfer model was trained for; None for StarGAN v2
+        (its canvas resamples every input)."""
+        if self.kind != KIND_KERNEL_TRANSFER:
+            return None
+        lo, hi = self.card["supported_pixel_mm"]
+        return float(lo), float(hi)
 
     @property
     def trained(self) -> bool:
@@ -102,14 +146,11 @@ def make_model_card(
     num_latents: int = DEFAULT_NUM_LATENTS,
     style_seed: int = 0,
     metrics: Mapping[str, Any] | None = None,
-    intended_use: str = (
-        "Research use: harmonize CT slices between reconstruction kernels for quantitative analysis. "
-        "Not for diagnosis."
-    ),
+    intended_use: str = DEFAULT_INTENDED_USE,
     created: str | None = None,
     transfer_filters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A complete model card (see DESIGN.md) ready for `save_model_file`.
+    """A complete StarGAN v2 model card (see DESIGN.md) ready for `save_model_file`.
 
     ``transfer_filters``: optional fitted linear filters, entries ``{"source", "target": domain names,
     "filter": TransferFilter.to_dict(), "fitted_on": text}``.
@@ -145,11 +186,28 @@ def _require(d: Mapping[str, Any], key: str, types: type | tuple[type, ...], whe
     return value
 
 
-def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]:
-    """Check every card field; return the architecture, domains and preprocessing it describes."""
+def card_kind(card: Mapping[str, Any]) -> str:
+    """The model kind a card describes: ``architecture.kind``, absent in StarGAN v2 cards."""
+    arch = card.get("architecture")
+    kind = arch.get("kind", KIND_STARGAN) if isinstance(arch, dict) else KIND_STARGAN
+    if kind not in MODEL_KINDS:
+        raise ModelFileError(
+            f"model card: unknown model kind {kind!r} ('architecture.kind'); this software reads "
+            f"{', '.join(repr(k) for k in MODEL_KINDS)}: update this software or re-export the model"
+        )
+    return kind
+
+
+def validate_card(
+    card: Any,
+) -> tuple[ModelConfig | KernelTransferConfig, list[Domain], PreprocessSpec | None]:
+    """Check every card field; return the architecture, domains and preprocessing (None for a
+    kernel-transfer model) it describes."""
     if not isinstance(card, dict):
         raise _card_error(f"must be a JSON object, got {type(card).__name__}")
-    missing = [k for k in CARD_FIELDS if k not in card]
+    kind = card_kind(card)
+    fields = KERNEL_TRANSFER_CARD_FIELDS if kind == KIND_KERNEL_TRANSFER else CARD_FIELDS
+    missing = [k for k in fields if k not in card]
     if missing:
         raise _card_error(f"missing field(s) {missing}")
     version = _require(card, "format_version", int, "")
@@ -159,24 +217,60 @@ def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]
             f"model file format version {version} is not supported (this software reads version "
             f"{FORMAT_VERSION}); {hint}"
         )
+    config: ModelConfig | KernelTransferConfig
+    spec = None
+    arch = card["architecture"]
     try:
-        config = ModelConfig.from_dict(card["architecture"])
+        if kind == KIND_KERNEL_TRANSFER:
+            config = KernelTransferConfig.from_dict(arch)
+        else:  # StarGAN v2 cards carry no kind; an explicit "stargan_v2" is accepted as well
+            config = ModelConfig.from_dict({k: v for k, v in arch.items() if k != "kind"}
+                                           if isinstance(arch, dict) else arch)
     except (ValueError, TypeError) as exc:
         raise _card_error(f"bad 'architecture': {exc}") from None
+    domains = _check_domains(card, config.num_domains)
+    if isinstance(config, ModelConfig):
+        spec = _check_stargan_fields(card, config)
+    else:
+        _check_pixel_range(card.get("supported_pixel_mm"))
+    training = _require(card, "training", dict, "")
+    _require(training, "data", str, "training.")
+    iterations = _require(training, "iterations", int, "training.")
+    if iterations < 0:
+        raise _card_error(f"'training.iterations' must be >= 0, got {iterations}")
+    _require(training, "texture_loss", bool, "training.")
+    _require(training, "code_version", str, "training.")
+    _require(card, "metrics", dict, "")
+    _check_transfer_filters(card.get("transfer_filters", []), domains)
+    _require(card, "intended_use", str, "")
+    created = _require(card, "created", str, "")
+    try:
+        _dt.datetime.fromisoformat(created)
+    except ValueError:
+        raise _card_error(f"'created' must be an ISO date, got {created!r}") from None
+    return config, domains, spec
+
+
+def _check_domains(card: Mapping[str, Any], num_domains: int) -> list[Domain]:
     raw_domains = _require(card, "domains", list, "")
     try:
         domains = [Domain.from_dict(d) for d in raw_domains]
     except (ValueError, TypeError) as exc:
         raise _card_error(f"bad 'domains': {exc}") from None
-    if len(domains) != config.num_domains:
+    if len(domains) != num_domains:
         raise _card_error(
-            f"{len(domains)} domains listed but the architecture has num_domains={config.num_domains}"
+            f"{len(domains)} domains listed but the architecture has num_domains={num_domains}"
         )
     if [d.id for d in domains] != list(range(len(domains))):
         raise _card_error(f"domain ids must be 0..{len(domains) - 1} in order, got {[d.id for d in domains]}")
     names = [d.name.strip().upper() for d in domains]
     if len(set(names)) != len(names):
         raise _card_error(f"domain names must be unique (case-insensitive), got {[d.name for d in domains]}")
+    return domains
+
+
+def _check_stargan_fields(card: Mapping[str, Any], config: ModelConfig) -> PreprocessSpec:
+    """A StarGAN v2 card's 'preprocessing' (canvas) and 'target_styles'."""
     try:
         spec = PreprocessSpec.from_dict(_require(card, "preprocessing", dict, ""))
     except (ValueError, TypeError) as exc:
@@ -195,22 +289,22 @@ def validate_card(card: Any) -> tuple[ModelConfig, list[Domain], PreprocessSpec]
     method = _require(styles, "method", str, "target_styles.")
     if not method.strip():
         raise _card_error("'target_styles.method' must describe how the target styles were computed")
-    training = _require(card, "training", dict, "")
-    _require(training, "data", str, "training.")
-    iterations = _require(training, "iterations", int, "training.")
-    if iterations < 0:
-        raise _card_error(f"'training.iterations' must be >= 0, got {iterations}")
-    _require(training, "texture_loss", bool, "training.")
-    _require(training, "code_version", str, "training.")
-    _require(card, "metrics", dict, "")
-    _check_transfer_filters(card.get("transfer_filters", []), domains)
-    _require(card, "intended_use", str, "")
-    created = _require(card, "created", str, "")
-    try:
-        _dt.datetime.fromisoformat(created)
-    except ValueError:
-        raise _card_error(f"'created' must be an ISO date, got {created!r}") from None
-    return config, domains, spec
+    return spec
+
+
+def _check_pixel_range(value: Any) -> tuple[float, float]:
+    """A kernel-transfer card's 'supported_pixel_mm': [min, max] in-plane pixel size in mm."""
+    ok = (isinstance(value, list) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    if ok:
+        lo, hi = float(value[0]), float(value[1])
+        ok = math.isfinite(lo) and math.isfinite(hi) and 0.0 < lo <= hi <= 10.0
+    if not ok:
+        raise _card_error(
+            f"'supported_pixel_mm' must be [min, max] pixel sizes in mm with 0 < min <= max <= 10, got "
+            f"{value!r}"
+        )
+    return lo, hi
 
 
 def _check_transfer_filters(entries: Any, domains: list[Domain]) -> None:
@@ -238,21 +332,33 @@ def _check_transfer_filters(entries: Any, domains: list[Domain]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Tensors
 # --------------------------------------------------------------------------------------------------
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _build(config: ModelConfig | KernelTransferConfig) -> dict[str, nn.Module]:
+    """The inference networks of either kind, freshly built (call under a device context)."""
+    if isinstance(config, KernelTransferConfig):
+        return {"generator": KernelTransferGenerator(config), "source_estimator": SourceEstimator(config)}
+    return build_networks(config)
+
+
+def _network_names(config: ModelConfig | KernelTransferConfig) -> tuple[str, ...]:
+    return KERNEL_TRANSFER_NETWORKS if isinstance(config, KernelTransferConfig) else INFERENCE_NETWORKS
+
+
+def expected_shapes(config: ModelConfig | KernelTransferConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a model file of this architecture holds (built on 'meta': no memory)."""
     with torch.device("meta"):
-        nets = build_networks(config)
+        nets = _build(config)
     shapes = {
         f"{net}.{name}": tuple(t.shape)
-        for net in INFERENCE_NETWORKS
+        for net in _network_names(config)
         for name, t in nets[net].state_dict().items()
     }
-    shapes[STYLES_KEY] = (config.num_domains, config.style_dim)
+    if isinstance(config, ModelConfig):
+        shapes[STYLES_KEY] = (config.num_domains, config.style_dim)
     return shapes
 
 
 def _check_tensor_names_shapes(
-    shapes: Mapping[str, tuple[int, ...]], config: ModelConfig, fix: str
+    shapes: Mapping[str, tuple[int, ...]], config: ModelConfig | KernelTransferConfig, fix: str
 ) -> None:
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(shapes))
@@ -339,25 +445,20 @@ def save_model_file(
     domain_styles: Tensor,
     card: Mapping[str, Any],
 ) -> Path:
-    """Validate and write a model file atomically (temp file in the same folder + os.replace).
+    """Validate and write a StarGAN v2 model file atomically (temp file in the same folder + os.replace).
 
     `weights` are the EMA inference weights named `generator.*`, `mapping_network.*`, `style_encoder.*`
     (see `weights_from_networks`). The card's `format_version` and `architecture` are filled in from
     `config` when absent and must agree with it when present. Nothing is written if anything is invalid.
+    Kernel-transfer models are written by `save_kernel_transfer_model`.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
+    if not isinstance(config, ModelConfig):
         raise ModelFileError(
-            f"model files end in .safetensors, got '{path.name}'; choose a .safetensors name"
+            f"save_model_file writes StarGAN v2 models (ModelConfig), got {type(config).__name__}; use "
+            "save_kernel_transfer_model for kernel-transfer models"
         )
-    if not path.parent.is_dir():
-        raise ModelFileError(f"output folder '{path.parent}' does not exist; create it first")
-    try:  # deep copy that also proves the card is strict JSON (no NaN, no numpy scalars)
-        card = json.loads(json.dumps(dict(card), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ModelFileError(
-            f"model card is not valid JSON ({exc}); convert values to plain numbers"
-        ) from None
+    path = _checked_output_path(path)
+    card = _json_copy(card)
     card.setdefault("format_version", FORMAT_VERSION)
     card.setdefault("architecture", config.to_dict())
     if card["architecture"] != config.to_dict():
@@ -366,9 +467,109 @@ def save_model_file(
             f"pass matching values"
         )
     validate_card(card)
-    fix = "pass the EMA networks of this architecture (weights_from_networks)"
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     tensors[STYLES_KEY] = domain_styles.detach().to("cpu", torch.float32).contiguous()
+    return _write_model(path, config, tensors, card,
+                        "pass the EMA networks of this architecture (weights_from_networks)")
+
+
+def make_kernel_transfer_card(
+    *,
+    config: KernelTransferConfig,
+    domains: list[Domain] | tuple[Domain, ...],
+    training: Mapping[str, Any],
+    supported_pixel_mm: tuple[float, float] | list[float] = DEFAULT_SUPPORTED_PIXEL_MM,
+    metrics: Mapping[str, Any] | None = None,
+    intended_use: str = DEFAULT_INTENDED_USE,
+    created: str | None = None,
+    transfer_filters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A complete kernel-transfer model card (see DESIGN.md); ``save_kernel_transfer_model`` builds it."""
+    card = {
+        "format_version": FORMAT_VERSION,
+        "architecture": config.to_dict(),
+        "domains": [d.to_dict() for d in domains],
+        "supported_pixel_mm": [float(v) for v in supported_pixel_mm],
+        "training": dict(training),
+        "metrics": dict(metrics or {}),
+        "intended_use": intended_use,
+        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if transfer_filters:
+        card["transfer_filters"] = [dict(e) for e in transfer_filters]
+    return card
+
+
+def save_kernel_transfer_model(
+    path: str | os.PathLike[str],
+    generator: KernelTransferGenerator,
+    estimator: SourceEstimator,
+    domains: list[Domain] | tuple[Domain, ...],
+    training: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    supported_pixel_mm: tuple[float, float] | list[float] = DEFAULT_SUPPORTED_PIXEL_MM,
+    intended_use: str = DEFAULT_INTENDED_USE,
+    transfer_filters: list[dict[str, Any]] | None = None,
+    created: str | None = None,
+) -> Path:
+    """Validate and write a kernel-transfer model file atomically; nothing is written if anything is invalid.
+
+    ``generator`` and ``estimator`` must share one ``KernelTransferConfig`` (it becomes the card's
+    ``architecture``). ``domains``: one per ``num_domains``, ids 0.. in order. ``training``: at least
+    ``data`` (text), ``iterations`` (int), ``texture_loss`` (bool), ``code_version`` (text).
+    ``supported_pixel_mm``: the [min, max] in-plane pixel size (mm) the model was trained for; inputs
+    outside it are harmonized with a warning. ``transfer_filters``: optional fitted linear filters, as in
+    ``make_model_card``.
+    """
+    if not isinstance(generator, KernelTransferGenerator) or not isinstance(estimator, SourceEstimator):
+        raise ModelFileError(
+            f"need a KernelTransferGenerator and a SourceEstimator, got {type(generator).__name__} and "
+            f"{type(estimator).__name__}"
+        )
+    config = generator.config
+    if estimator.config != config:
+        raise ModelFileError(
+            f"the generator and the source estimator have different architectures ({config.to_dict()} vs "
+            f"{estimator.config.to_dict()}); build both from one KernelTransferConfig"
+        )
+    path = _checked_output_path(path)
+    card = _json_copy(make_kernel_transfer_card(
+        config=config, domains=domains, training=training, supported_pixel_mm=supported_pixel_mm,
+        metrics=metrics, intended_use=intended_use, created=created, transfer_filters=transfer_filters,
+    ))
+    validate_card(card)
+    tensors = {
+        f"{net}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+        for net, module in (("generator", generator), ("source_estimator", estimator))
+        for k, v in module.state_dict().items()
+    }
+    return _write_model(path, config, tensors, card, "pass the networks of one KernelTransferConfig")
+
+
+def _checked_output_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelFileError(
+            f"model files end in .safetensors, got '{path.name}'; choose a .safetensors name"
+        )
+    if not path.parent.is_dir():
+        raise ModelFileError(f"output folder '{path.parent}' does not exist; create it first")
+    return path
+
+
+def _json_copy(card: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy that also proves the card is strict JSON (no NaN, no numpy scalars)."""
+    try:
+        return json.loads(json.dumps(dict(card), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(
+            f"model card is not valid JSON ({exc}); convert values to plain numbers"
+        ) from None
+
+
+def _write_model(path: Path, config: ModelConfig | KernelTransferConfig, tensors: dict[str, Tensor],
+                 card: Mapping[str, Any], fix: str) -> Path:
+    """Check names, shapes and finiteness of the (CPU float32) tensors, then write the file atomically."""
     _check_tensor_names_shapes({k: tuple(v.shape) for k, v in tensors.items()}, config, fix)
     _check_finite(tensors, "refusing to save")
     metadata = {
@@ -463,7 +664,7 @@ def load_model_file(path: str | os.PathLike[str] | None = None) -> ModelFile:
     if metadata.get("weights_sha256") != _weights_digest(tensors):
         raise ModelFileError(f"{corrupt} (weights checksum mismatch)")
     _check_finite(tensors, f"model file '{path}' is unusable")
-    state_dicts: dict[str, dict[str, Tensor]] = {net: {} for net in INFERENCE_NETWORKS}
+    state_dicts: dict[str, dict[str, Tensor]] = {net: {} for net in _network_names(config)}
     for name, t in tensors.items():
         if name != STYLES_KEY:
             net, key = name.split(".", 1)
@@ -475,18 +676,20 @@ def load_model_file(path: str | os.PathLike[str] | None = None) -> ModelFile:
         domains=domains,
         preprocessing=spec,
         state_dicts=state_dicts,
-        domain_styles=tensors[STYLES_KEY],
+        domain_styles=tensors.get(STYLES_KEY),
     )
 
 
 def instantiate(model_file: ModelFile, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
-    """The inference networks (generator, mapping_network, style_encoder) with the file's weights, in eval
-    mode with gradients off. Built on 'meta' and given the loaded tensors directly: no random init, no copy.
+    """The inference networks with the file's weights, in eval mode with gradients off: generator,
+    mapping_network, style_encoder (StarGAN v2) or generator (``KernelTransferGenerator``) and
+    source_estimator (``SourceEstimator``). Built on 'meta' and given the loaded tensors directly: no random
+    init, no copy.
     """
     with torch.device("meta"):
-        nets = build_networks(model_file.config)
+        nets = _build(model_file.config)
     out: dict[str, nn.Module] = {}
-    for name in INFERENCE_NETWORKS:
+    for name in _network_names(model_file.config):
         net = nets[name]
         net.load_state_dict(model_file.state_dicts[name], strict=True, assign=True)
         out[name] = net.to(device).eval().requires_grad_(False)

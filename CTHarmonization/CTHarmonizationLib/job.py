@@ -242,8 +242,10 @@ class HarmonizationJob:
     model: ModelFile
     device: str
     target: Domain
-    source: Domain
-    sourceFoundBy: str  # 'chosen' or 'DICOM'
+    # None until the run for a kernel-transfer model that estimates the source from the image: the run then
+    # fills in the domain it used and sourceFoundBy (e.g. 'estimated from the image (p=0.83)').
+    source: Domain | None
+    sourceFoundBy: str  # 'chosen', 'DICOM' or 'estimated'
     inputNodeID: str
     inputName: str
     volume: np.ndarray  # (slices, rows, columns) copy of the input voxels
@@ -265,7 +267,8 @@ class HarmonizationJob:
             harmonizer = getHarmonizer(self.model, self.device)
         try:
             self.result = harmonizer.harmonize(
-                self.volume, self.spacing, self.target.name, source=self.source.name,
+                self.volume, self.spacing, self.target.name,
+                source=self.source.name if self.source is not None else None,
                 reference=self.reference, progress=progressCallback, cancel=cancelEvent,
             )
         except Exception as exc:
@@ -275,7 +278,14 @@ class HarmonizationJob:
             raise translated from None
         self.runInfo = dict(harmonizer.last_run)
         self.runInfo.setdefault("device", "cpu")  # the filter runs on the CPU and does not record it
+        self.adoptRunSource()
         return self.result
+
+    def adoptRunSource(self) -> None:
+        """After a run that estimated the source (kernel-transfer models): the domain it used and how."""
+        if self.source is None and self.runInfo.get("source"):
+            self.source = next(d for d in self.model.domains if d.name == self.runInfo["source"])
+            self.sourceFoundBy = str(self.runInfo.get("source_from") or self.sourceFoundBy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +299,8 @@ def saveJob(job: HarmonizationJob, folder: Path) -> None:
         np.save(folder / REFERENCE, job.reference[0])
     spec = {
         "modelPath": str(job.model.path), "device": job.device, "target": job.target.name,
-        "source": job.source.name, "sourceFoundBy": job.sourceFoundBy, "inputNodeID": job.inputNodeID,
+        "source": job.source.name if job.source is not None else None, "sourceFoundBy": job.sourceFoundBy,
+        "inputNodeID": job.inputNodeID,
         "inputName": job.inputName, "spacing": list(job.spacing), "ijkToRas": job.ijkToRas.tolist(),
         "parentTransformID": job.parentTransformID, "method": job.method,
         "referenceSpacing": list(job.reference[1]) if job.reference is not None else None,
@@ -308,7 +319,8 @@ def loadJob(folder: Path) -> HarmonizationJob:
     if spec["referenceSpacing"] is not None:
         reference = (np.load(folder / REFERENCE), tuple(spec["referenceSpacing"]))
     return HarmonizationJob(
-        model=model, device=spec["device"], target=domains[spec["target"]], source=domains[spec["source"]],
+        model=model, device=spec["device"], target=domains[spec["target"]],
+        source=domains[spec["source"]] if spec["source"] is not None else None,
         sourceFoundBy=spec["sourceFoundBy"], inputNodeID=spec["inputNodeID"], inputName=spec["inputName"],
         volume=np.load(folder / INPUT), spacing=tuple(spec["spacing"]), ijkToRas=np.array(spec["ijkToRas"]),
         parentTransformID=spec["parentTransformID"], method=spec["method"], reference=reference,
@@ -367,4 +379,5 @@ def collectResult(job: HarmonizationJob, folder: Path, exitCode: int) -> Harmoni
         raise HarmonizationError(f"the harmonization process stopped with exit code {exitCode}:\n{log}")
     job.result = np.load(folder / RESULT)
     job.runInfo = json.loads((folder / RUN_INFO).read_text(encoding="utf-8"))
+    job.adoptRunSource()
     return job

@@ -128,16 +128,27 @@ def modelCardSummary(model: ModelFile) -> str:
     card = model.card
     training = card.get("training", {})
     arch = card.get("architecture", {})
+    pairs = ", ".join(f"{a} -> {b}" for a, b in model.transfer_filter_pairs)
+    spec = model.preprocessing
+    if spec is None:  # kernel transfer: the input's own pixel size, no canvas
+        lo, hi = model.supported_pixel_mm or (0.0, 0.0)
+        network = (f"Network: kernel transfer (learned MTF transfer + residual, width {arch.get('width')}, "
+                   f"depth {arch.get('depth')}) at the input's own pixel size; supported pixel size "
+                   f"{lo:g}-{hi:g} mm; without DICOM kernel information the source kernel is estimated "
+                   "from the image")
+        filters = (pairs + "; " if pairs else "") + "every other pair: the model's own linear transfer"
+    else:
+        network = (f"Network: {arch.get('img_size')} px, widths {arch.get('base_width')}-"
+                   f"{arch.get('max_width')}; canvas {spec.canvas_size} px at {spec.pixel_spacing_mm:g} mm")
+        filters = pairs or "none, network model only"
     lines = [
         f"File: {model.path.name} (model card format {card.get('format_version')}, created "
         f"{card.get('created', 'unknown')})",
         "Kernels: " + ", ".join(f"{d.name} ({d.display_name})" for d in model.domains),
-        f"Network: {arch.get('img_size')} px, widths {arch.get('base_width')}-{arch.get('max_width')}; "
-        f"canvas {model.preprocessing.canvas_size} px at {model.preprocessing.pixel_spacing_mm:g} mm",
+        network,
         f"Training: {training.get('iterations', 0)} iterations on {training.get('data', 'unknown data')}"
         + (", texture loss" if training.get("texture_loss") else ""),
-        "Linear transfer filters (Method: linear transfer filter): "
-        + (", ".join(f"{a} -> {b}" for a, b in model.transfer_filter_pairs) or "none, network model only"),
+        "Linear transfer filters (Method: linear transfer filter): " + filters,
     ]
     if not model.trained:
         lines.append("WARNING: untrained (random) weights, for tests only.")
@@ -299,24 +310,33 @@ def dicomTagsOfNode(node: Any, dicomDatabase: Any = None) -> dict[str, str]:
     return tags
 
 
-def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any = None) -> str:
-    """One line for the GUI: the kernel DICOM reports for `node` and which model kernel it is, if any."""
+def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any = None,
+                           canEstimate: bool = False) -> str:
+    """One line for the GUI: the kernel DICOM reports for `node` and which model kernel it is, if any.
+    `canEstimate`: the model (kernel transfer) estimates an unknown source kernel from the image."""
     tags = dicomTagsOfNode(node, dicomDatabase)
     kernel = tags.get("ConvolutionKernel")
+    estimate = " (or leave it: the model estimates it from the image)" if canEstimate else ""
     if not kernel:
-        return "No DICOM kernel information: choose the source kernel."
+        return "No DICOM kernel information: choose the source kernel" + estimate + "."
     scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
     domain = detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), kernel)
     if domain is None:
         return (f"DICOM: kernel {kernel} ({scanner}) is not one of the model's kernels: choose the closest "
-                "source kernel.")
+                "source kernel" + estimate + ".")
     return f"DICOM: kernel {kernel} ({scanner}) = model kernel {domain.name}"
 
 
+SOURCE_ESTIMATED = "estimated"
+
+
 def _resolveSource(
-    node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any, method: str
-) -> tuple[Domain, str]:
-    """The source domain and how it was found ('chosen' or 'DICOM')."""
+    node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any, method: str,
+    canEstimate: bool = False,
+) -> tuple[Domain | None, str]:
+    """The source domain and how it was found ('chosen' or 'DICOM'); with `canEstimate` (a kernel-transfer
+    model run as a network) None and 'estimated' when DICOM does not name one of the model's kernels: the
+    engine then estimates the source from the image."""
     # The filter exists only per pair of the model's kernels: an unknown source cannot be filtered.
     why = (" The linear transfer filter needs it: its filters are fitted per pair of the model's kernels."
            if method == METHOD_FILTER else "")
@@ -326,20 +346,27 @@ def _resolveSource(
         except UnknownDomainError as exc:
             raise HarmonizationInputError(f"Source kernel: {exc}") from None
     tags = dicomTagsOfNode(node, dicomDatabase)
+    modality = tags.get("Modality", "")
+    notCT = HarmonizationInputError(
+        f"The input {_nodeLabel(node)} is {modality}, not CT; only CT images can be harmonized."
+    )
     if not tags.get("ConvolutionKernel"):
+        if canEstimate:
+            if modality and modality.upper() != "CT":
+                raise notCT
+            return None, SOURCE_ESTIMATED
         raise HarmonizationInputError(
             f"The input {_nodeLabel(node)} has no DICOM information telling its reconstruction kernel "
             "(it was not loaded through the DICOM module, or its files left the DICOM database). "
             "Choose the source kernel yourself from the list." + why
         )
-    modality = tags.get("Modality", "")
     if modality and modality.upper() != "CT":
-        raise HarmonizationInputError(
-            f"The input {_nodeLabel(node)} is {modality}, not CT; only CT images can be harmonized."
-        )
+        raise notCT
     domain = detect_domain(
         domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), tags["ConvolutionKernel"]
     )
+    if domain is None and canEstimate:
+        return None, SOURCE_ESTIMATED
     if domain is None:
         scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
         raise HarmonizationInputError(
@@ -388,6 +415,12 @@ def prepareHarmonization(
                 "pair). Clear the reference, or choose 'Network model' as the method to use its style."
             )
     model = loadModel(modelPath)
+    kernelTransfer = model.preprocessing is None  # a kernel-transfer model: native pixel size, no style
+    if referenceNode is not None and kernelTransfer:
+        raise HarmonizationInputError(
+            f"The model '{model.path.name}' is a kernel-transfer model: it maps one kernel to another and "
+            "does not use a reference volume. Clear the reference volume."
+        )
     if not model.trained and not allowUntrained:
         raise HarmonizationInputError(
             f"The model file '{model.path}' has untrained (random) weights (training.iterations = 0); it is "
@@ -397,8 +430,9 @@ def prepareHarmonization(
         target = resolve_domain(model.domains, targetKernel)
     except UnknownDomainError as exc:
         raise HarmonizationInputError(f"Target kernel: {exc}") from None
-    source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase, method)
-    if source.id == target.id:
+    source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase, method,
+                                     canEstimate=kernelTransfer and method == METHOD_MODEL)
+    if source is not None and source.id == target.id:
         raise HarmonizationInputError(
             f"The input already has the target kernel {target.name} ({foundBy.lower()} source kernel). "
             "Choose a different target kernel."
@@ -472,6 +506,7 @@ def finishHarmonization(job: HarmonizationJob, scene: Any, outputNode: Any = Non
         "ReferenceVolume": job.referenceName or "",
         "InputVolume": job.inputName,
         "Device": str(job.runInfo.get("device", job.device)),
+        "Notes": "; ".join(job.runInfo.get("notes", [])),  # e.g. a pixel size the model was not trained for
     }
     for key, value in attributes.items():
         outputNode.SetAttribute(ATTRIBUTE_PREFIX + key, value)

@@ -99,7 +99,7 @@ def check(models: list[Path], data: Path, out: Path, per_domain: int, tiled: boo
     for mpath in models:
         runner = CanvasHarmonizer(mpath, batch_size=1)
         modes = {"full canvas": None}
-        if tiled:
+        if tiled and runner.spec is not None:  # a kernel-transfer model has no canvas to tile
             modes[f"tiled {runner.model_file.config.img_size}"] = runner.model_file.config.img_size
         for mode, tile in modes.items():
             label = f"{Path(mpath).name} [{mode}]"
@@ -108,7 +108,7 @@ def check(models: list[Path], data: Path, out: Path, per_domain: int, tiled: boo
 
                 def run(slices: dict, a: str = a, b: str = b, tile: int | None = tile,
                         runner: CanvasHarmonizer = runner) -> np.ndarray:
-                    return unit_to_hu(runner(slices[a][None], b, tile=tile)[0], spec)
+                    return unit_to_hu(runner(slices[a][None], b, tile=tile, source=a, spec=spec)[0], spec)
 
                 png = out / f"{Path(mpath).stem}_{a}_to_{b}.png" if tile is None else None
                 per_dir[f"{a}->{b}"] = _score_direction(pairs, a, b, run, spec, png)

@@ -353,7 +353,7 @@ def _stream_harmonized(run: _Run, pool: Any, prog: _Progress, cancel: threading.
             for start, chunk in _chunks(run.ts.slices[s]):
                 src = run.ts.canvases(chunk)
                 with run.timer("harmonize", len(chunk)):
-                    out = h(src, t, cancel=cancel)
+                    out = h(src, t, cancel=cancel, source=s, spec=run.ts.spec)
                 if start == 0:
                     ex = run.examples.setdefault(direction_name(s, t), {"before": run.ts.to_hu(src[0])})
                     ex[run.labels[mi]] = run.ts.to_hu(out[0])

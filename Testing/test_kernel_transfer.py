@@ -1,0 +1,462 @@
+"""Kernel-transfer model files end to end: the file (round trip, refusals), the Harmonizer at native pixel
+size (identity, smoothing, pixel sizes, source choice, warnings, cancel) and ``ctharmonize`` (info,
+harmonize, ``--method filter``). The evaluation's ``CanvasHarmonizer`` is tested in test_evaluate.py, the
+Slicer logic in test_slicer_logic.py and test_slicer_job.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from model_factory import KT_TINY, kernel_transfer_networks, make_kernel_transfer_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from TextureStarGANCore import cli
+from TextureStarGANCore import model_file as mfile
+from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS
+from TextureStarGANCore.filter_method import FilterHarmonizer, model_linear_filter
+from TextureStarGANCore.inference import HarmonizationCancelled, Harmonizer, PixelSizeWarning
+from TextureStarGANCore.kernel_transfer import HU_MAX, HU_MIN, KernelTransferConfig, linear_transfer_filter
+from TextureStarGANCore.model_file import (
+    KIND_KERNEL_TRANSFER,
+    ModelFileError,
+    instantiate,
+    load_model_file,
+    save_kernel_transfer_model,
+)
+from TextureStarGANCore.transfer_filter import TransferFilter
+from TextureStarGANCore.volume_io import read_volume
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
+
+DOMAINS = list(DEFAULT_SIMULATED_DOMAINS)  # B30f (Siemens), BONE (GE), STANDARD (GE)
+TRAINING = {"data": "test", "iterations": 10, "texture_loss": False, "code_version": "test"}
+SPACING = (0.7, 0.7, 2.0)
+GE_STANDARD_TAGS = {"Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "LightSpeed 16",
+                    "ConvolutionKernel": "STANDARD"}
+
+
+@pytest.fixture(scope="module")
+def kt_file(tmp_path_factory) -> Path:
+    return make_kernel_transfer_file(tmp_path_factory.mktemp("kt") / "kt.safetensors", iterations=10)
+
+
+@pytest.fixture(scope="module")
+def harmonizer(kt_file) -> Harmonizer:
+    return Harmonizer.from_checkpoint(kt_file, device="cpu", batch_size=2)
+
+
+def chest(n: int = 4, rows: int = 64, cols: int = 64, seed: int = 0) -> np.ndarray:
+    """Air, a soft-tissue ellipse with white noise, a lung, a bone and scanner padding, in HU (float32)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:rows, :cols]
+    body = ((yy - rows / 2) / (rows * 0.4)) ** 2 + ((xx - cols / 2) / (cols * 0.42)) ** 2 < 1
+    lung = ((yy - rows / 2) / (rows * 0.2)) ** 2 + ((xx - cols * 0.35) / (cols * 0.1)) ** 2 < 1
+    bone = (yy - rows / 2) ** 2 + (xx - cols * 0.68) ** 2 < (rows * 0.06) ** 2
+    vol = np.full((n, rows, cols), -1000.0, dtype=np.float32)
+    vol[:, body] = 40.0
+    vol[:, lung] = -850.0
+    vol[:, bone] = 1200.0
+    vol += rng.normal(0, 40, vol.shape).astype(np.float32)
+    vol[:, :3, :3] = -2000.0  # padding, clipped by the model to HU_MIN
+    return vol
+
+
+def hf_power(vol: np.ndarray, spacing_mm: float, above: float = 0.3) -> float:
+    """Mean spectral power above ``above`` cycles/mm."""
+    spec = np.abs(np.fft.rfft2(vol - vol.mean(axis=(-2, -1), keepdims=True))) ** 2
+    fy = np.fft.fftfreq(vol.shape[-2], spacing_mm)[:, None]
+    fx = np.fft.rfftfreq(vol.shape[-1], spacing_mm)[None, :]
+    return float(spec[..., np.hypot(fx, fy) > above].mean())
+
+
+# ------------------------------------------------------------------------------------------------ the file
+def test_round_trip_gives_identical_outputs(tmp_path):
+    gen, est = kernel_transfer_networks(seed=1)
+    path = save_kernel_transfer_model(tmp_path / "m.safetensors", gen, est, DOMAINS, TRAINING,
+                                      metrics={"psnr": 40.0}, supported_pixel_mm=(0.5, 0.9))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # written atomically
+    mf = load_model_file(path)
+    assert mf.kind == KIND_KERNEL_TRANSFER and mf.config == KT_TINY and mf.trained
+    assert mf.preprocessing is None and mf.domain_styles is None and mf.supported_pixel_mm == (0.5, 0.9)
+    assert mf.domains == DOMAINS and sorted(mf.state_dicts) == ["generator", "source_estimator"]
+    card = mf.card
+    assert card["architecture"]["kind"] == "kernel_transfer" and card["metrics"] == {"psnr": 40.0}
+    assert "preprocessing" not in card and "target_styles" not in card
+    nets = instantiate(mf)
+    assert not any(p.requires_grad for p in nets["generator"].parameters())
+    x = torch.from_numpy(chest(2))[:, None]
+    with torch.no_grad():
+        for source, target in (([1, 2], [0, 0]), (torch.tensor([[0.2, 0.5, 0.3]] * 2), [2, 1])):
+            assert torch.equal(nets["generator"](x, [(0.7, 0.7), (0.5, 0.6)], source, target),
+                               gen(x, [(0.7, 0.7), (0.5, 0.6)], source, target))
+        assert torch.equal(nets["source_estimator"](x, (0.7, 0.7)), est(x, (0.7, 0.7)))
+    # The StarGAN v2 reader's expectations do not leak into this kind: no canvas, no styles.
+    assert Harmonizer(mf, device="cpu").preprocessing is None
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def _rewrite(src: Path, dst: Path, card: Callable[[dict], None] | None = None,
+             tensors: Callable[[dict], None] | None = None, digest: bool = True) -> Path:
+    """A copy of a valid file with one change; the checksum is recomputed unless ``digest`` is False."""
+    ts, meta = _read(src)
+    if card is not None:
+        c = json.loads(meta["model_card"])
+        card(c)
+        meta["model_card"] = json.dumps(c)
+    if tensors is not None:
+        tensors(ts)
+    if digest:
+        meta["weights_sha256"] = mfile._weights_digest(ts)
+    save_file(ts, str(dst), metadata=meta)
+    return dst
+
+
+def _nan(ts: dict) -> None:
+    ts["generator.convs.0.weight"][0, 0, 0, 0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("card", "tensors", "digest", "messages"),
+    [
+        (None, lambda ts: ts.update({"generator.log_mtf": torch.zeros(3, 10)}), True,
+         ["generator.log_mtf", "shape (3, 10)", "(3, 36)"]),
+        (None, lambda ts: ts.pop("source_estimator.feature_std"), True,
+         ["1 missing", "source_estimator.feature_std"]),
+        (None, lambda ts: ts.update({"domain_styles": torch.zeros(3, 16)}), True,
+         ["1 unexpected", "domain_styles"]),
+        (None, _nan, True, ["non-finite", "generator.convs.0.weight"]),
+        (None, lambda ts: ts["generator.embed"].mul_(2), False, ["checksum"]),
+        (lambda c: c["architecture"].update(width=16), None, True,
+         ["generator.convs.0.weight", "architecture needs (16, 2, 3, 3)"]),
+        (lambda c: c["architecture"].update(kind="diffusion"), None, True,
+         ["unknown model kind 'diffusion'", "update this software"]),
+        (lambda c: c["architecture"].update(max_gain=0.5), None, True, ["architecture", "max_gain"]),
+        (lambda c: c["architecture"].update(colour=1), None, True, ["unknown architecture field"]),
+        (lambda c: c.pop("supported_pixel_mm"), None, True, ["missing field", "supported_pixel_mm"]),
+        (lambda c: c.update(supported_pixel_mm=[1.0, 0.4]), None, True,
+         ["supported_pixel_mm", "min <= max"]),
+        (lambda c: c.update(supported_pixel_mm="0.4-1"), None, True, ["supported_pixel_mm"]),
+        (lambda c: c["domains"].pop(), None, True, ["2 domains listed", "num_domains=3"]),
+        (lambda c: c["training"].pop("code_version"), None, True, ["training.code_version"]),
+        (lambda c: c.update(transfer_filters=[{"source": "BONE", "target": "B45f", "filter": {}}]), None,
+         True, ["must name the model's domains"]),
+        (lambda c: c.update(created="yesterday"), None, True, ["ISO date"]),
+    ],
+    ids=["shape", "missing", "styles", "nan", "digest", "width", "kind", "max_gain", "unknown_field",
+         "no_pixel_range", "pixel_range_order", "pixel_range_type", "domains", "training", "filters",
+         "created"],
+)
+def test_bad_files_are_refused_with_a_clear_message(kt_file, tmp_path, card, tensors, digest, messages):
+    bad = _rewrite(kt_file, tmp_path / "bad.safetensors", card, tensors, digest)
+    with pytest.raises(ModelFileError) as info:
+        load_model_file(bad)
+    for m in messages:
+        assert m.lower() in str(info.value).lower(), str(info.value)
+
+
+def test_save_refuses_bad_input_and_writes_nothing(tmp_path):
+    gen, est = kernel_transfer_networks()
+    other = kernel_transfer_networks(KernelTransferConfig(num_domains=3, width=4, depth=3))[1]
+    cases = [
+        (dict(estimator=other), "different architectures"),
+        (dict(estimator=gen), "SourceEstimator"),
+        (dict(path=tmp_path / "m.pt"), ".safetensors"),
+        (dict(supported_pixel_mm=(0.0, 1.0)), "supported_pixel_mm"),
+        (dict(domains=DOMAINS[:2]), "2 domains listed"),
+        (dict(training={"data": "x"}), "training.iterations"),
+        (dict(metrics={"x": float("nan")}), "not valid JSON"),
+    ]
+    for change, message in cases:
+        args = dict(path=tmp_path / "m.safetensors", generator=gen, estimator=est, domains=DOMAINS,
+                    training=TRAINING) | change
+        with pytest.raises(ModelFileError, match=message):
+            save_kernel_transfer_model(**args)
+    with torch.no_grad():
+        gen.out.bias.fill_(float("inf"))
+    with pytest.raises(ModelFileError, match="refusing to save"):
+        save_kernel_transfer_model(tmp_path / "m.safetensors", gen, est, DOMAINS, TRAINING)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stargan_writer_refuses_a_kernel_transfer_config(tmp_path):
+    with pytest.raises(ModelFileError, match="save_kernel_transfer_model"):
+        mfile.save_model_file(tmp_path / "m.safetensors", config=KT_TINY, weights={},
+                              domain_styles=torch.zeros(3, 4), card={})
+
+
+# ---------------------------------------------------------------------------------------------- harmonizer
+def test_zero_residual_with_equal_mtfs_returns_the_clipped_input(tmp_path):
+    # max_gain 8: the soft gain cap costs 8e-9 of the value at zero log gain (at 4 it is 2e-6, 0.002 HU at
+    # 1000 HU: far below a stored HU step, but above this test's 1e-3 HU).
+    config = KernelTransferConfig(num_domains=3, width=8, depth=3, max_gain=8.0)
+    same = -(config.knots[1:].float() / 0.5) ** 2
+    path = make_kernel_transfer_file(tmp_path / "id.safetensors", config=config, residual=False,
+                                     log_mtf=same.expand(3, -1).clone())
+    h = Harmonizer.from_checkpoint(path, device="cpu")
+    vol = chest()
+    vol[1, 10:14, 10:14] = 3500.0  # above HU_MAX: clipped
+    for source, target in (("B30f", "BONE"), ("STANDARD", "STANDARD")):
+        out = h.harmonize(vol, SPACING, target, source=source)
+        assert out.dtype == vol.dtype and out.shape == vol.shape
+        np.testing.assert_allclose(out, np.clip(vol, HU_MIN, HU_MAX), rtol=0, atol=1e-3)
+
+
+def test_a_smoother_target_mtf_lowers_high_frequency_power(tmp_path):
+    path = make_kernel_transfer_file(tmp_path / "lin.safetensors", residual=False)
+    h = Harmonizer.from_checkpoint(path, device="cpu")
+    vol = chest()
+    smooth = h.harmonize(vol, SPACING, "B30f", source="BONE")  # f_c 0.9 -> 0.45 cycles/mm
+    sharp = h.harmonize(vol, SPACING, "BONE", source="B30f")
+    before = hf_power(vol, SPACING[0])
+    assert hf_power(smooth, SPACING[0]) < 0.5 * before < 2 * before < hf_power(sharp, SPACING[0])
+    body = slice(20, 44)
+    assert abs(smooth[:, body, body].mean() - vol[:, body, body].mean()) < 5  # mean HU are kept
+
+
+def test_two_pixel_sizes_non_square_integer_volume(harmonizer):
+    vol = np.rint(chest(3, 64, 80)).astype(np.int16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PixelSizeWarning)
+        fine = harmonizer.harmonize(vol, (0.45, 0.45, 1.0), "B30f", source="BONE")
+        coarse = harmonizer.harmonize(vol, (0.95, 0.9, 1.0), "B30f", source="BONE")
+    assert fine.dtype == coarse.dtype == np.int16 and fine.shape == coarse.shape == vol.shape
+    assert harmonizer.last_run["pixel_mm"] == [0.95, 0.9] and harmonizer.last_run["notes"] == []
+    # The transfer is defined in cycles/mm: the same pixels mean different frequencies at the two sizes.
+    assert not np.array_equal(fine, coarse)
+    assert hf_power(fine.astype(float), 0.45) < hf_power(vol.astype(float), 0.45)
+
+
+def test_deterministic_and_independent_of_the_batch_size(harmonizer):
+    vol = chest(5)
+    seen = []
+    a = harmonizer.harmonize(vol, SPACING, "STANDARD", source="BONE", batch_size=1)
+    b = harmonizer.harmonize(vol, SPACING, "STANDARD", source="BONE", batch_size=3,
+                             progress=lambda d, t: seen.append((d, t)))
+    c = harmonizer.harmonize(vol, SPACING, "STANDARD", source="BONE", batch_size=3)
+    assert seen == [(3, 5), (5, 5)]
+    np.testing.assert_array_equal(b, c)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    assert not np.allclose(a, vol, atol=1.0)  # the model changed the image
+    assert harmonizer.last_run["kind"] == "kernel_transfer" and harmonizer.last_run["slices"] == 5
+
+
+def test_the_source_is_chosen_from_user_tags_or_estimate_and_recorded(harmonizer):
+    vol = chest()
+    user = harmonizer.harmonize(vol, SPACING, "B30f", source="BONE", tags=GE_STANDARD_TAGS)
+    assert harmonizer.last_run["source"] == "BONE" and harmonizer.last_run["source_from"] == "user"
+    tagged = harmonizer.harmonize(vol, SPACING, "B30f", tags=GE_STANDARD_TAGS)
+    assert harmonizer.last_run["source"] == "STANDARD" and harmonizer.last_run["source_from"] == "tags"
+    assert not np.array_equal(user, tagged)  # the source changes the output
+    # No tags, or tags naming a kernel the model does not know: estimated from the image.
+    expected, probs = harmonizer.estimate_source(vol, SPACING)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3) and set(probs) == {d.name for d in DOMAINS}
+    for tags in (None, {"Manufacturer": "SIEMENS", "ConvolutionKernel": "B70f"}):
+        estimated = harmonizer.harmonize(vol, SPACING, "B30f", tags=tags)
+        run = harmonizer.last_run
+        assert run["source"] == expected.name and run["source_probabilities"] == probs
+        assert run["source_from"] == f"estimated from the image (p={probs[expected.name]:.2f})"
+        # The most likely domain is used as a one-hot source.
+        np.testing.assert_array_equal(estimated, harmonizer.harmonize(vol, SPACING, "B30f",
+                                                                      source=expected.name))
+
+
+def test_a_confident_estimator_picks_its_domain(tmp_path):
+    gen, est = kernel_transfer_networks()
+    with torch.no_grad():
+        est.mlp[-1].bias.copy_(torch.tensor([0.0, 20.0, 0.0]))  # BONE, whatever the image
+    path = save_kernel_transfer_model(tmp_path / "bone.safetensors", gen, est, DOMAINS, TRAINING)
+    h = Harmonizer.from_checkpoint(path, device="cpu")
+    h.harmonize(chest(20), SPACING, "STANDARD")
+    assert h.last_run["source"] == "BONE" and h.last_run["source_from"] == "estimated from the image (p=1.00)"
+
+
+def test_pixel_size_outside_the_supported_range_warns_and_runs(harmonizer):
+    vol = chest(2)
+    with pytest.warns(PixelSizeWarning, match=r"\(2 mm\) is outside the range this model supports \(0.4"):
+        out = harmonizer.harmonize(vol, (2.0, 2.0, 2.0), "B30f", source="BONE")
+    assert out.shape == vol.shape
+    assert "0.4 to 1 mm" in harmonizer.last_run["notes"][0]
+    with pytest.warns(PixelSizeWarning, match=r"0.3 x 0.5 mm"):
+        harmonizer.harmonize(vol, (0.3, 0.5, 2.0), "B30f", source="BONE")
+
+
+def test_reference_and_styles_are_refused(harmonizer):
+    vol = chest(2)
+    with pytest.raises(ValueError, match="kernel-transfer model.*no reference volume"):
+        harmonizer.harmonize(vol, SPACING, "B30f", reference=(vol, SPACING))
+    with pytest.raises(ValueError, match="StarGAN v2"):
+        harmonizer.target_style("B30f")
+    with pytest.raises(ValueError, match="positive numbers"):
+        harmonizer.harmonize(vol, (0.7, 0.0, 1.0), "B30f")
+
+
+def test_cancel_before_and_between_batches(harmonizer):
+    vol = chest(6)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(HarmonizationCancelled, match="before it started"):
+        harmonizer.harmonize(vol, SPACING, "B30f", source="BONE", cancel=cancel)
+    cancel.clear()
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        cancel.set()
+
+    with pytest.raises(HarmonizationCancelled, match="after 2 of 6"):
+        harmonizer.harmonize(vol, SPACING, "B30f", source="BONE", cancel=cancel, progress=progress,
+                             batch_size=2)
+    assert seen == [2]
+
+
+def test_validate_real_interface(harmonizer):
+    """What Training.evaluation.validate_real uses: detect_source, resolve, domains, path, harmonize."""
+    assert harmonizer.domains == ["B30f", "BONE", "STANDARD"] and harmonizer.path.name == "kt.safetensors"
+    assert harmonizer.detect_source({"ConvolutionKernel": "BONE", "Manufacturer": "GE"}).name == "BONE"
+    assert harmonizer.resolve("STANDARD").id == 2
+    out = harmonizer.harmonize(chest(2), SPACING, target="STANDARD", source="BONE",
+                               progress=lambda d, t: None)
+    assert out.shape == (2, 64, 64) and harmonizer.kind == "kernel_transfer"
+    assert harmonizer.supported_pixel_mm == (0.4, 1.0)
+
+
+# --------------------------------------------------------------------------------------- linear part/filter
+def test_the_linear_part_as_a_transfer_filter(tmp_path, kt_file):
+    mf = load_model_file(kt_file)
+    gen = instantiate(mf)["generator"]
+    f = linear_transfer_filter(gen, 1, 0)
+    with torch.no_grad():
+        lg = gen.log_gain(torch.eye(3)[[1]], torch.eye(3)[[0]])[0].double().numpy()
+    np.testing.assert_allclose(f.freq_per_mm, KT_TINY.knots.numpy())
+    np.testing.assert_allclose(f.gain, np.exp(lg), rtol=1e-6)
+    assert f.gain[0] == pytest.approx(1.0, abs=1e-4) and f.gain[-1] < 0.1  # BONE -> B30f smooths
+    # Applied by TransferFilter it matches the generator's linear part (no residual) closely.
+    path = make_kernel_transfer_file(tmp_path / "lin.safetensors", residual=False)
+    vol = chest(2)
+    by_model = Harmonizer.from_checkpoint(path, device="cpu").harmonize(vol, SPACING, "B30f", source="BONE")
+    lin = load_model_file(path)
+    bone, b30f = lin.domains[1], lin.domains[0]
+    by_filter = model_linear_filter(lin, bone, b30f).apply(np.clip(vol, HU_MIN, HU_MAX), SPACING[:2])
+    assert np.abs(by_model - by_filter).mean() < 2.0
+    with pytest.raises(ValueError, match="out of range"):
+        linear_transfer_filter(gen, 0, 3)
+
+
+def test_filter_harmonizer_prefers_the_cards_fitted_filter(tmp_path):
+    blur = TransferFilter(np.array([0.0, 2.0]), np.array([1.0, 0.5]), "fitted")
+    path = make_kernel_transfer_file(tmp_path / "f.safetensors", transfer_filters=[
+        {"source": "BONE", "target": "B30f", "filter": blur.to_dict(), "fitted_on": "test"}])
+    mf = load_model_file(path)
+    b30f, bone, std = mf.domains
+    fitted = FilterHarmonizer(mf, bone, b30f)
+    assert fitted.filter_origin is None and fitted.filter.description == "fitted"
+    fallback = FilterHarmonizer(mf, std, b30f)
+    assert "model's own linear transfer STANDARD -> B30f" in fallback.filter_origin
+    np.testing.assert_allclose(fallback.filter.gain, model_linear_filter(mf, std, b30f).gain)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture()
+def cli_deps():
+    """The command line draws progress with tqdm, which the Python 3.9 engine environment (the Slicer
+    bundle's dependencies, test_bundled_python39.py) does not have."""
+    pytest.importorskip("tqdm")
+
+
+def run(*args: str | Path) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def nifti(path: Path, spacing=(0.7, 0.7, 2.0), n: int = 3) -> Path:
+    img = sitk.GetImageFromArray(np.rint(chest(n)).astype(np.int16))
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_info_prints_kind_domains_and_pixel_range(kt_file, capsys):
+    assert run("info", "--model", kt_file) == 0
+    out = capsys.readouterr().out
+    assert "kind: kernel transfer" in out and "supported pixel size: 0.4 to 1 mm" in out
+    assert "canvas" not in out.split("model card:")[0]
+    for d in DOMAINS:
+        assert d.name in out and d.scanner_model in out
+    assert "every other pair: the model's own linear transfer" in out
+    assert '"kind": "kernel_transfer"' in out
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_harmonize_estimates_the_source_of_a_file_without_tags(kt_file, tmp_path, capsys):
+    src = nifti(tmp_path / "in.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    assert run("harmonize", src, "--target", "B30f", "--output", out, "--model", kt_file) == 0
+    err = capsys.readouterr().err
+    assert "no DICOM tags tell the input's kernel; the source kernel is estimated from the image" in err
+    assert "source kernel estimated from the image -> B30f" in err
+    assert "source kernel: " in err and "(estimated from the image (p=" in err and "warning" not in err
+    a, b = read_volume(src), read_volume(out)
+    assert b.shape == a.shape and b.stored_dtype == np.int16 and not np.array_equal(a.hu, b.hu)
+    assert b.spacing == pytest.approx(a.spacing)
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_harmonize_user_source_and_pixel_warning(kt_file, tmp_path, capsys):
+    src = nifti(tmp_path / "in.nrrd", spacing=(2.0, 2.0, 3.0), n=2)
+    out = tmp_path / "out.nrrd"
+    assert run("harmonize", src, "--target", "STANDARD", "--source", "BONE", "--output", out,
+               "--model", kt_file) == 0
+    err = capsys.readouterr().err
+    assert "warning: the input's pixel size (2 mm) is outside the range this model supports (0.4 to 1 mm)" \
+        in err
+    assert "source kernel: BONE (given with --source)" in err and "BONE -> STANDARD" in err
+    assert "PixelSizeWarning" not in err  # printed once, as a plain warning line
+    assert out.is_file()
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_harmonize_dicom_source_from_tags(kt_file, ct_small_path, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run("harmonize", ct_small_path, "--target", "BONE", "--output", out, "--model", kt_file) == 0
+    err = capsys.readouterr().err
+    assert "STANDARD -> BONE" in err and "source kernel: STANDARD (from the DICOM tags)" in err
+    assert "BONE" in read_volume(out).tags.get("SeriesDescription", "")
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_refuses_an_untrained_kernel_transfer_model(tmp_path, capsys):
+    path = make_kernel_transfer_file(tmp_path / "u.safetensors", iterations=0)
+    rc = run("harmonize", nifti(tmp_path / "in.nii.gz"), "--target", "B30f", "--output", tmp_path / "o.nrrd",
+             "--model", path)
+    assert rc == cli.EXIT_BAD_INPUT and "untrained" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_method_filter_falls_back_to_the_models_linear_part(kt_file, ct_small_path, tmp_path, capsys):
+    out = tmp_path / "f.nrrd"
+    rc = run("harmonize", ct_small_path, "--target", "B30f", "--method", "filter", "--model", kt_file,
+             "--output", out)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "the model's own linear transfer STANDARD -> B30f" in err and "source kernel:" not in err
+    mf = load_model_file(kt_file)
+    src, res = read_volume(ct_small_path), read_volume(out)
+    expected = model_linear_filter(mf, mf.domains[2], mf.domains[0]).apply(src.hu, src.spacing[:2])
+    assert np.abs(res.hu - expected).max() <= 1.0  # integer storage rounds
+    # Without a known source the filter cannot be chosen.
+    rc = run("harmonize", nifti(tmp_path / "in.nii.gz"), "--target", "B30f", "--method", "filter",
+             "--model", kt_file, "--output", tmp_path / "g.nrrd")
+    assert rc == cli.EXIT_BAD_INPUT and "--method filter needs" in capsys.readouterr().err
