@@ -236,7 +236,7 @@ def train(run: KTRun, groups: list[PairedGroup], out: Path, *, stop: Callable[[]
     cfg = run.cfg
     index = {d: i for i, d in enumerate(cfg.domains)}
     sampler = PairSampler(groups, index, cfg.data.crop, cfg.data.real_fraction, cfg.data.identity_fraction,
-                          seed=cfg.train.seed + run.iteration)
+                          seed=cfg.train.seed)
     total = cfg.train.iters
     end = min(total, max_iters) if max_iters is not None else total
     base = [g["lr"] for g in run.opt.param_groups]
@@ -245,6 +245,7 @@ def train(run: KTRun, groups: list[PairedGroup], out: Path, *, stop: Callable[[]
         f = _lr_factor(run.iteration, total)
         for g, lr in zip(run.opt.param_groups, base, strict=True):
             g["lr"] = lr * f
+        sampler.rng = np.random.default_rng([cfg.train.seed, run.iteration])  # resumes draw the same crops
         row = train_step(run, sampler.batch(cfg.train.batch))
         run.iteration += 1
         row.update(iteration=run.iteration, seconds=time.perf_counter() - t0)
