@@ -572,7 +572,7 @@ class CTHarmonizationTest(ScriptedLoadableModuleTest):
     def _sampleFolder(self) -> Path:
         import TextureStarGANCore
 
-        return Path(TextureStarGANCore.__file__).resolve().parent / "samples" / "sim_bone_ct"
+        return Path(TextureStarGANCore.__file__).resolve().parent / "samples" / "chest_l_sharp"
 
     def _loadSample(self):
         """The bundled DICOM sample, imported through the DICOM database so its kernel is read from tags."""
@@ -594,10 +594,10 @@ class CTHarmonizationTest(ScriptedLoadableModuleTest):
 
         node, kernel = self._loadSample()
         self.assertIsNotNone(node)
-        self.assertEqual(kernel, "BONE")
+        self.assertEqual(kernel, "L")
         before = slicer.util.arrayFromVolume(node).copy()
         start = time.monotonic()
-        job = logic.prepareHarmonization(node, "B30f", sourceKernel=kernel, device="cpu")
+        job = logic.prepareHarmonization(node, "PHILIPS_B", sourceKernel=kernel, device="cpu")
         run = worker.SubprocessRun(job)
         while run.running():
             slicer.app.processEvents()
@@ -615,8 +615,8 @@ class CTHarmonizationTest(ScriptedLoadableModuleTest):
         for r in range(4):
             for c in range(4):
                 self.assertAlmostEqual(a.GetElement(r, c), b.GetElement(r, c), places=6)
-        self.assertEqual(output.GetAttribute("CTHarmonization.TargetKernel"), "B30f")
-        # A smoother kernel: less high-frequency content inside the body than the BONE input.
+        self.assertEqual(output.GetAttribute("CTHarmonization.TargetKernel"), "PHILIPS_B")
+        # A smoother kernel: less high-frequency content inside the body than the sharp L input.
         body = before > -500
 
         def roughness(v):

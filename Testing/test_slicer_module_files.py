@@ -72,7 +72,7 @@ def test_cmake_lists_bundle_every_module_and_engine_file():
     data = cmake_list(text, "ENGINE_DATA_FILES")
     assert "models/default.safetensors" in data
     shipped = [ENGINE / "models" / "default.safetensors", ENGINE / "models" / "MODEL_CARD.md"]
-    samples = ENGINE / "samples" / "sim_bone_ct"
+    samples = ENGINE / "samples" / "chest_l_sharp"
     if samples.is_dir():
         shipped += [p for p in samples.rglob("*") if p.is_file()]
     for path in shipped:
@@ -190,8 +190,8 @@ def test_cmake_configures_against_a_stub_slicer(tmp_path):
     # Each engine data file installed once (issue 19, point 10).
     data = [line for line in installed.stdout.splitlines() if "TextureStarGANCore/samples/" in line
             and line.endswith(".dcm")]
-    assert data and len(data) == len(set(data)) == len(list(ENGINE.glob("samples/sim_bone_ct/*.dcm"))), data
-    sample = ENGINE / "samples" / "sim_bone_ct"
+    assert data and len(data) == len(set(data)) == len(list(ENGINE.glob("samples/chest_l_sharp/*.dcm"))), data
+    sample = ENGINE / "samples" / "chest_l_sharp"
     target = prefix / "lib" / "Slicer" / "qt-scripted-modules" / "TextureStarGANCore"
     for path in sample.glob("*") if sample.is_dir() else []:
         assert (target / path.relative_to(ENGINE)).is_file()

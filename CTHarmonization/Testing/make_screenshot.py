@@ -1,7 +1,7 @@
 """Render the extension's screenshot (EXTENSION_SCREENSHOTURLS) headless with slicer-core.
 
-The bundled sample (simulated GE BONE) harmonized to B30f with the bundled default model, shown in the
-module's comparison layout: before/after, linked, with the zoomed region below.
+The bundled sample (real Philips chest, sharp kernel L) harmonized to the smooth kernel B with the bundled
+default model, shown in the module's comparison layout: before/after, linked, with the zoomed region below.
 
     .venv/bin/python CTHarmonization/Testing/make_screenshot.py [--model PATH] [--out PNG]
 """
@@ -20,13 +20,13 @@ from slicer_helpers import FolderDicomDatabase, new_scene, node_from_ct_volume  
 from CTHarmonization.CTHarmonizationLib import compare, logic, render  # noqa: E402
 from TextureStarGANCore.volume_io import read_volume  # noqa: E402
 
-SAMPLE = ROOT / "TextureStarGANCore" / "samples" / "sim_bone_ct"
+SAMPLE = ROOT / "TextureStarGANCore" / "samples" / "chest_l_sharp"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="model file (default: the bundled model)")
-    parser.add_argument("--target", default="B30f")
+    parser.add_argument("--target", default="PHILIPS_B")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "CTHarmonization" / "Resources" / "Screenshots" / "comparison.png")
     parser.add_argument("--allow-untrained", action="store_true", help="only to try the script itself")

@@ -1,7 +1,7 @@
 """Maintainer smoke test in a real Slicer: the GUI's own code path, end to end. Prints one PASS/FAIL line.
 
     Slicer --python-script CTHarmonization/Testing/smoke.py [--series DICOM_FOLDER] [--source KERNEL]
-           [--target B30f] [--screenshot out.png] [--timeout 900]
+           [--target PHILIPS_B] [--screenshot out.png] [--timeout 900]
 
 Loads the module, imports a DICOM series (default: the bundled sample; for example the shared real GE head
 CT with `--series .../real_ct/ge_hispeed_dual_head_std_plus --source STANDARD`, its STD+ kernel is not one
@@ -28,7 +28,7 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--series", type=Path, default=None,
                         help="DICOM folder (default: the bundled sample)")
     parser.add_argument("--source", default="", help="source kernel (default: read from DICOM)")
-    parser.add_argument("--target", default="B30f")
+    parser.add_argument("--target", default="PHILIPS_B")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--screenshot", type=Path, default=Path("CTHarmonization-smoke.png"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run")
@@ -60,7 +60,7 @@ def smoke(args: argparse.Namespace) -> str:
     if series is None:
         import TextureStarGANCore
 
-        series = Path(TextureStarGANCore.__file__).resolve().parent / "samples" / "sim_bone_ct"
+        series = Path(TextureStarGANCore.__file__).resolve().parent / "samples" / "chest_l_sharp"
     with DICOMUtils.TemporaryDICOMDatabase() as db:
         DICOMUtils.importDicom(str(series), db)
         nodeIDs = DICOMUtils.loadPatientByUID(db.patients()[0])
