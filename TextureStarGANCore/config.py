@@ -26,7 +26,7 @@ class ModelConfig:
     so the anatomy passes through and the networks only learn the kernel's change. `full_res_skip` adds the
     stem's full-resolution features to the decoder's output before the output layer, so the correction can
     use pixel-level detail (noise) that the downsampled bottleneck has lost. Both are off by default, as in
-    the paper; models/MODEL_CARD.md reports the CPU demo runs made with them.
+    the paper; Training/baseline_models/stargan_v1/MODEL_CARD.md reports the CPU demo runs made with them.
     """
 
     img_size: int

@@ -255,7 +255,7 @@ class Generator(nn.Module):
             # Output x + to_out(h). The correction starts at about kernel-noise size (SD ~0.02, ~30 HU),
             # not at the full He init (SD ~0.9, ~1400 HU), which would bury the anatomy. (On the CPU demo
             # config both this start and a zero start settled on the identity, because D could not yet tell
-            # the kernels apart: MODEL_CARD.md.)
+            # the kernels apart: Training/baseline_models/stargan_v1/MODEL_CARD.md.)
             last = self.to_out[-1]
             if not last.weight.is_meta:
                 with torch.no_grad():

@@ -19,9 +19,10 @@ from TextureStarGANCore.fileio import (
 )
 from Training.simulator.nps import plot_nps
 
-COLUMNS = ("rmse_hu", "psnr_db", "ssim", "hp_noise_hu", "hp_gap_closed", "nps_distance",
-           "edge_width_10_90_mm", "mtf50_per_mm", "lung_structure_dice", "lung_ssim")
-HEADINGS = ("RMSE (HU)", "PSNR (dB)", "SSIM", "HP noise (HU)", "HP gap closed", "NPS distance",
+COLUMNS = ("rmse_hu", "lowpass_rmse_hu", "psnr_db", "ssim", "hp_noise_hu", "hp_gap_closed",
+           "nps_distance", "edge_width_10_90_mm", "mtf50_per_mm", "lung_structure_dice", "lung_ssim")
+HEADINGS = ("RMSE (HU)", "low-pass RMSE (HU)", "PSNR (dB)", "SSIM", "HP noise (HU)", "HP gap closed",
+            "NPS distance",
             "edge 10-90 (mm)", "MTF50 (/mm)", "lung structure Dice", "lung SSIM")
 ERROR_HU = 150.0  # error maps span -ERROR_HU..+ERROR_HU
 
@@ -79,7 +80,8 @@ def _verdict_lines(res: dict[str, Any]) -> list[str]:
 def report_markdown(summary: dict[str, Any]) -> str:
     lines = ["# Real-CT validation: paired reconstructions of one acquisition", "",
              f"Models: {', '.join(summary['models'])} (device {summary['device']}). RMSE inside the body of "
-             f"the real target with HU clipped to {summary['rmse_window_hu']}; PSNR/SSIM on the same window. "
+             f"the real target with HU clipped to {summary['rmse_window_hu']}; low-pass RMSE: the same after "
+             "a Gaussian blur of sigma 3 mm (anatomy and mean values); PSNR/SSIM on the same window. "
              "HP noise: SD of image minus its Gaussian blur (sigma 2 px) in soft tissue of the real target; "
              "gap closed = 1 - |HP - HP_target| / |HP_input - HP_target|. NPS distance: relative L2 to the "
              "real target's radial NPS in uniform soft-tissue ROIs. Edge 10-90: rise distance of the mean "

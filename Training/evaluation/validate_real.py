@@ -29,6 +29,7 @@ from Training.evaluation.metrics.edge_sharpness import edge_spread, find_edges
 from Training.evaluation.metrics.highpass import gap_closed, highpass_noise_sd, soft_tissue_mask
 from Training.evaluation.metrics.paired import (
     RMSE_WINDOW_HU,
+    lowpass_rmse_hu,
     nps_distance,
     psnr_ssim,
     rmse_hu,
@@ -86,6 +87,7 @@ class Direction:
         finite = [p for p, _ in ps if np.isfinite(p)]
         out: dict[str, Any] = {
             "rmse_hu": rmse_hu(image, self.truth, self.body),
+            "lowpass_rmse_hu": lowpass_rmse_hu(image, self.truth, self.body, self.pixel_mm),
             "psnr_db": float(np.mean(finite)) if finite else None,
             "ssim": float(np.mean([s for _, s in ps])),
             "hp_noise_hu": hp,

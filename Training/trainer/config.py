@@ -84,7 +84,7 @@ class TextureSection:
     # The weight ramps linearly from 0 to `weight` over the first `warmup_iters` iterations (0: full from the
     # start). Why: L_txt(x_real, x_rec) is zero at the identity and its |T - T~| has a constant-size gradient
     # there, so at full weight from iteration 0 it can hold a generator that starts near the identity (the
-    # residual one) at the identity before the adversarial term has taught it anything (MODEL_CARD.md).
+    # residual one) at the identity before the adversarial term has taught it anything (v1 card).
     warmup_iters: int = 0
     lr: float = 1e-4  # Adam learning rate of the attention-aggregation parameters
     params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of TextureLoss(...)

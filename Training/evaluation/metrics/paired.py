@@ -48,6 +48,29 @@ def psnr_ssim(
     return psnr, float(smap[mask].mean())
 
 
+def lowpass_rmse_hu(
+    pred_hu: np.ndarray,
+    truth_hu: np.ndarray,
+    mask: np.ndarray,
+    pixel_mm: float,
+    sigma_mm: float = 3.0,
+    hu_window: tuple[float, float] = RMSE_WINDOW_HU,
+) -> float:
+    """``rmse_hu`` of the low-pass images (Gaussian of ``sigma_mm`` in-plane, after clipping): the anatomy and
+    mean tissue values, with the kernels' noise and texture removed."""
+    from scipy import ndimage
+
+    sig = (0.0, sigma_mm / pixel_mm, sigma_mm / pixel_mm)
+    lo, hi = hu_window
+
+    def low(v: np.ndarray) -> np.ndarray:
+        v = np.clip(np.asarray(v, np.float64), lo, hi)
+        return ndimage.gaussian_filter(v if v.ndim == 3 else v[None], sig)
+
+    truth = low(truth_hu)
+    return rmse_hu(low(pred_hu), truth, np.asarray(mask, bool).reshape(truth.shape), hu_window)
+
+
 def rmse_hu(
     pred_hu: np.ndarray,
     truth_hu: np.ndarray,
