@@ -91,7 +91,7 @@ def test_slice_ranges_default_to_halves_and_must_not_overlap():
 
 # Model v1 (StarGAN v2, domains B30f / BONE / STANDARD): it has no domain for the pair's Philips kernels,
 # which the refusal tests need; the bundled v2 model is checked on the pair in test_default_model.py.
-V1 = (Path(__file__).resolve().parents[1] / "Training" / "baseline_models" / "stargan_v1" / 
+V1 = (Path(__file__).resolve().parents[1] / "Training" / "baseline_models" / "stargan_v1" /
       "stargan_v1.safetensors")
 
 
