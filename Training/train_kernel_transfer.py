@@ -42,6 +42,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-iters", type=int, default=None, help="stop at this iteration (resumable)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--export", type=Path, default=None, help="write the model file when training ends")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="fine-tune: start from this checkpoint's generator (new optimizer, iteration 0, the "
+                         "source estimator refitted on this config's data)")
     return ap.parse_args(argv)
 
 
@@ -118,6 +121,9 @@ def run(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     if previous is not None:
         run_.load(torch.load(previous, map_location="cpu", weights_only=True))
     else:
+        if args.init_from is not None:
+            state = torch.load(args.init_from, map_location="cpu", weights_only=True)
+            run_.gen.load_state_dict(state["generator"])
         run_.estimator_stats = fit_estimator(run_.est, groups, cfg, extra, progress=progress)
         write_json_atomic(args.out / "config.json", cfg.to_dict(), indent=2)
     stop = {"flag": False}
