@@ -48,15 +48,19 @@ class CTHarmonization(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["CT Harmonization contributors"]
         self.parent.helpText = _("""
-Harmonizes CT reconstruction kernels with a texture-aware StarGAN v2: the input volume is translated, slice
-by slice, to the look of the chosen target kernel (for example GE BONE to Siemens B30f), so that texture
-(radiomic) features agree across scanners. Choose the input, the target kernel and press Harmonize; the
-result is a new volume with the input's geometry, shown next to the input in linked views with a zoomed
-region of interest that follows the ROI. Method 'Linear transfer filter' applies the model file's fitted
-filter for the kernel pair instead of the network (CPU, no GPU needed). Research use only, not for diagnosis.
+Harmonizes CT reconstruction kernels: the input volume is translated, slice by slice, to the look of the
+chosen target kernel (for example Philips L to Philips B, or GE BONE to Siemens B30f), so that texture
+(radiomic) features agree across scanners. The bundled model is a kernel-transfer network (a learned MTF
+transfer plus a residual, at the input's own pixel size; it estimates an unknown source kernel from the
+image); texture-aware StarGAN v2 model files can be chosen too. Choose the input, the target kernel and press
+Harmonize; the result is a new volume with the input's geometry, shown next to the input in linked views with
+a zoomed region of interest that follows the ROI. Method 'Linear transfer filter' applies a linear filter for
+the kernel pair instead of the network (CPU, no GPU needed): the model card's fitted filter, or a
+kernel-transfer model's own linear part. Research use only, not for diagnosis.
 """)
         self.parent.acknowledgementText = _("""
-Method: texture-aware StarGAN v2 for CT kernel harmonization. Built on 3D Slicer and PyTorch.
+Methods: a kernel-transfer network (learned MTF transfer + residual) and a texture-aware StarGAN v2 for CT
+kernel harmonization. Built on 3D Slicer and PyTorch.
 """)
 
 
@@ -133,10 +137,7 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollWorker)
 
-        self._fillCombo(self.ui.methodComboBox, [
-            (METHOD_MODEL, _("Network model (texture-aware StarGAN)")),
-            (METHOD_FILTER, _("Linear transfer filter (fitted per kernel pair, CPU)")),
-        ])
+        self._fillMethods(None)
         self._missing = dependencies.missingDependencies()  # before the parameter node may load a model
         self.initializeParameterNode()
         self.refreshDependencies()
@@ -202,8 +203,8 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._shownModelPath = node.modelPath
                     self.ui.modelPathLineEdit.currentPath = node.modelPath
                     self.loadModelCard()  # another model: other kernels
-                self._select(self.ui.targetKernelComboBox, node.targetKernel)
-                self._select(self.ui.sourceKernelComboBox, node.sourceKernel)
+                self._select(self.ui.targetKernelComboBox, node.targetKernel, kernel=True)
+                self._select(self.ui.sourceKernelComboBox, node.sourceKernel, kernel=True)
                 self._select(self.ui.methodComboBox, node.method)
                 self._select(self.ui.deviceComboBox, node.device)
                 self.ui.deviceComboBox.enabled = node.method != METHOD_FILTER  # the filter runs on the CPU
@@ -211,9 +212,25 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._updatingGui = previous
         self._updateButtons()
 
-    def _select(self, combo, key) -> None:
-        """Show `key` in the combo; a key the list lacks (e.g. saved with another model) shows as empty."""
-        combo.setCurrentIndex(combo.findData(key))
+    def _select(self, combo, key, kernel=False) -> None:
+        """Show `key` in the combo; a key the list lacks (e.g. saved with another model) shows as empty.
+        `kernel`: a kernel named otherwise than the model's domain (e.g. 'B30f', saved in a scene made with an
+        older model) shows as the domain it resolves to, as the harmonization itself resolves it."""
+        index = combo.findData(key)
+        if index < 0 and key and kernel:
+            index = combo.findData(self._resolveKernel(key))
+        combo.setCurrentIndex(index)
+
+    def _resolveKernel(self, key):
+        """The name of the model domain `key` names (name, kernel or id), or None."""
+        if self._model is None:
+            return None
+        from TextureStarGANCore.domains import UnknownDomainError, resolve_domain
+
+        try:
+            return resolve_domain(self._model.domains, key).name
+        except UnknownDomainError:
+            return None
 
     def onCombosChanged(self, *args) -> None:
         if self._updatingGui or self._parameterNode is None:
@@ -290,7 +307,20 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._model = None
             text = _("<b>Model not usable:</b> {error}").format(error=exc)
         self.ui.modelCardLabel.text = text
+        self._fillMethods(self._model)
         self._fillKernels(self._model.domains if self._model is not None else [])
+
+    def _fillMethods(self, model) -> None:
+        """The method choice, named for the model kind: its network, where its linear filter comes from."""
+        if model is not None and model.preprocessing is None:  # kernel transfer: no canvas
+            items = [(METHOD_MODEL, _("Network model (kernel transfer: MTF transfer + residual)")),
+                     (METHOD_FILTER, _("Linear transfer filter (the model's own linear part, CPU)"))]
+        elif model is not None:
+            items = [(METHOD_MODEL, _("Network model (texture-aware StarGAN)")),
+                     (METHOD_FILTER, _("Linear transfer filter (fitted per kernel pair, CPU)"))]
+        else:
+            items = [(METHOD_MODEL, _("Network model")), (METHOD_FILTER, _("Linear transfer filter (CPU)"))]
+        self._fillCombo(self.ui.methodComboBox, items)
 
     def _fillKernels(self, domains) -> None:
         targets = [(d.name, f"{d.name}: {d.display_name}") for d in domains]
@@ -333,8 +363,8 @@ class CTHarmonizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             problem = _("Select an input CT volume")
         elif self._model is None:
             problem = _("Choose a usable model file")
-        elif not node.targetKernel:
-            problem = _("Choose the target kernel")
+        elif not node.targetKernel or self.ui.targetKernelComboBox.currentIndex < 0:
+            problem = _("Choose the target kernel")  # none, or one the model does not know
         button.enabled = problem is None
         button.toolTip = problem or _("Harmonize the input volume")
         hasResult = node is not None and node.lastOutputVolume is not None and node.inputVolume is not None
@@ -634,5 +664,5 @@ class CTHarmonizationTest(ScriptedLoadableModuleTest):
 
         label = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
         with self.assertRaises(logic.HarmonizationInputError):
-            logic.prepareHarmonization(label, "B30f", sourceKernel="BONE", device="cpu")
+            logic.prepareHarmonization(label, "PHILIPS_B", sourceKernel="PHILIPS_L", device="cpu")
         self.delayDisplay("Test passed")

@@ -20,6 +20,16 @@ import slicer  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util.numpy_support import get_vtk_array_type, numpy_to_vtk, vtk_to_numpy  # noqa: E402
 
+# The bundled default model (kernel transfer) has these domains; the StarGAN v2 model v1 it replaced (domains
+# B30f, BONE, STANDARD and six fitted transfer filters in its card) is kept for what only it has.
+DEFAULT_MODEL_KERNELS = [
+    "SIEMENS_B30f", "SIEMENS_B40f", "SIEMENS_B50f", "SIEMENS_B70f", "SIEMENS_I30f_3",
+    "GE_SOFT", "GE_STANDARD", "GE_LUNG", "GE_BONE", "GE_HISPEED_STDPLUS",
+    "PHILIPS_B", "PHILIPS_C", "PHILIPS_L", "PHILIPS_UB_IDOSE", "PHILIPS_YA",
+]
+V1_MODEL_PATH = (Path(__file__).resolve().parents[1] / "Training" / "baseline_models" / "stargan_v1" /
+                 "stargan_v1.safetensors")
+
 
 def offscreen_rendering_available() -> bool:
     """VTK can render without a display when Mesa's OSMesa library is installed (Debian: libosmesa6)."""

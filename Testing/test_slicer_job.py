@@ -66,7 +66,8 @@ def test_job_folder_round_trip_keeps_every_field(scene, model_path, tmp_path):
 
 def test_filter_method_crosses_the_job_folder_and_runs_the_filter(scene, tmp_path):
     """Method 'filter' is a job field: saved, loaded and used by the child's side (runJobFolder) to build
-    the FilterHarmonizer of the bundled model's fitted BONE -> B30f filter instead of the network."""
+    the FilterHarmonizer of the bundled (kernel-transfer) model's GE_BONE -> SIEMENS_B30f linear part instead
+    of the network."""
     from TextureStarGANCore.filter_method import FilterHarmonizer
 
     node = add_volume(scene, body_phantom(slices=3, size=64), name="bone")
@@ -80,6 +81,7 @@ def test_filter_method_crosses_the_job_folder_and_runs_the_filter(scene, tmp_pat
     expected = FilterHarmonizer(job.model, job.source, job.target).harmonize(job.volume, job.spacing, "B30f")
     np.testing.assert_array_equal(finished.result, expected)
     assert finished.runInfo["method"] == "filter" and finished.runInfo["device"] == "cpu"
+    assert "the model's own linear transfer GE_BONE -> SIEMENS_B30f" in finished.runInfo["filter"]
     assert not np.array_equal(finished.result, job.volume)
 
 

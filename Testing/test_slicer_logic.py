@@ -11,6 +11,8 @@ pytest.importorskip("slicer", reason="slicer-core is needed for the Slicer modul
 
 import vtk  # noqa: E402
 from slicer_helpers import (  # noqa: E402
+    DEFAULT_MODEL_KERNELS,
+    V1_MODEL_PATH,
     FolderDicomDatabase,
     add_volume,
     body_phantom,
@@ -288,17 +290,29 @@ def test_model_card_summary_lists_kernels_and_warns_untrained(model_path):
     assert "B30f" in text and "BONE" in text and "STANDARD" in text
     assert "untrained" in text
     assert "Linear transfer filters (Method: linear transfer filter): none, network model only" in text
-    bundled = logic.modelCardSummary(logic.loadModel(None))
+    # The bundled default: a trained kernel-transfer model of 15 kernels, its filter is its own linear part.
+    default = logic.loadModel(None)
+    assert [d.name for d in default.domains] == DEFAULT_MODEL_KERNELS
+    bundled = logic.modelCardSummary(default)
+    kernels = next(line for line in bundled.splitlines() if line.startswith("Kernels: "))
+    assert all(f"{name} (" in kernels for name in DEFAULT_MODEL_KERNELS)
+    assert "Network: kernel transfer" in bundled and "supported pixel size 0.4-1 mm" in bundled
+    assert "canvas" not in bundled and "untrained" not in bundled
+    assert ("Linear transfer filters (Method: linear transfer filter): every other pair: the model's own "
+            "linear transfer") in bundled
+    # A StarGAN v2 file with fitted filters (model v1) lists its pairs.
+    v1 = logic.modelCardSummary(logic.loadModel(V1_MODEL_PATH))
     assert ("Linear transfer filters (Method: linear transfer filter): BONE -> B30f, B30f -> BONE, "
-            "STANDARD -> B30f, B30f -> STANDARD, BONE -> STANDARD, STANDARD -> BONE") in bundled
+            "STANDARD -> B30f, B30f -> STANDARD, BONE -> STANDARD, STANDARD -> BONE") in v1
 
 
 # --------------------------------------------------------------------------------------------------
 # Method: linear transfer filter
 # --------------------------------------------------------------------------------------------------
 def test_filter_method_on_the_bundled_bone_sample(scene, repo_root):
-    """The bundled BONE series, kernel read from its DICOM tags, filtered to B30f with the bundled model's
-    fitted filter: the engine's FilterHarmonizer result, with the input's geometry, recorded as 'filter'."""
+    """The bundled GE BONE series, kernel read from its DICOM tags, filtered to Siemens B30f with the bundled
+    (kernel-transfer) model's own linear part: the engine's FilterHarmonizer result, with the input's
+    geometry, recorded as 'filter'."""
     from TextureStarGANCore.filter_method import FilterHarmonizer
 
     sample = repo_root / "TextureStarGANCore" / "samples" / "sim_bone_ct"
@@ -313,35 +327,66 @@ def test_filter_method_on_the_bundled_bone_sample(scene, repo_root):
                                     progressCallback=lambda d, t: seen.append((d, t)))
     model = logic.loadModel(None)
     domains = {d.name: d for d in model.domains}
-    expected = FilterHarmonizer(model, domains["BONE"], domains["B30f"]).harmonize(
-        before, node.GetSpacing(), "B30f", source="BONE")
+    harmonizer = FilterHarmonizer(model, domains["GE_BONE"], domains["SIEMENS_B30f"])
+    assert "the model's own linear transfer GE_BONE -> SIEMENS_B30f" in harmonizer.filter_origin
+    expected = harmonizer.harmonize(before, node.GetSpacing(), "B30f", source="BONE")
     result = voxels_of(out)
     np.testing.assert_array_equal(result, expected)
     assert result.dtype == before.dtype and not np.array_equal(result, before)
+    # BONE -> B30f smooths: less high-frequency content inside the body.
+    body = before[:, :, 1:] > -500
+
+    def roughness(v):
+        return float(np.abs(np.diff(v.astype(np.float32), axis=2))[body].mean())
+
+    assert roughness(result) < 0.8 * roughness(before)
     np.testing.assert_array_equal(voxels_of(node), before)
     assert seen[-1] == (before.shape[0], before.shape[0])
     attrs = {k: out.GetAttribute("CTHarmonization." + k) for k in
              ("Method", "SourceKernel", "SourceKernelFrom", "TargetKernel", "Device")}
-    assert attrs == {"Method": "filter", "SourceKernel": "BONE", "SourceKernelFrom": "DICOM",
-                     "TargetKernel": "B30f", "Device": "cpu"}
+    assert attrs == {"Method": "filter", "SourceKernel": "GE_BONE", "SourceKernelFrom": "DICOM",
+                     "TargetKernel": "SIEMENS_B30f", "Device": "cpu"}
     a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(a)
     out.GetIJKToRASMatrix(b)
     np.testing.assert_allclose(matrix_array(b), matrix_array(a), atol=1e-9)
 
 
+def _toshiba_fc13_slice(real_ct_dir, folder):
+    """A copy of one real slice relabelled as a Toshiba FC13 series: a kernel no model here knows."""
+    import pydicom
+
+    ds = pydicom.dcmread(sorted(real_ct_dir.glob("*.dcm"))[0])
+    ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel = "TOSHIBA", "Aquilion ONE", "FC13"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    path = folder / "fc13.dcm"
+    ds.save_as(path)
+    return path
+
+
 def test_filter_method_refuses_an_unknown_source_a_pair_without_filter_and_a_reference(
-        scene, model_path, real_ct_dir):
+        scene, model_path, real_ct_dir, tmp_path):
     node = add_volume(scene, body_phantom(4, 64))
-    bundled = None  # the bundled default model: filters for every pair of its kernels
-    # No DICOM kernel, no chosen source: say to choose the source kernel, and why the filter needs it.
+    bundled = None  # the bundled default model: its own linear transfer for every pair of its kernels
+    # No DICOM kernel, no chosen source: say to choose the source kernel, and why the filter needs it (the
+    # kernel-transfer model estimates an unknown source for its network, never for the filter).
     _expect_refusal(scene, node, "no DICOM information.*Choose the source kernel.*transfer filter needs it",
                     bundled, sourceKernel=None, method="filter")
-    # A kernel the model does not know (real GE STD+ series): the filter cannot guess it either.
-    db = FolderDicomDatabase(sorted(real_ct_dir.glob("*.dcm"))[:1])
+    # A kernel the model does not know (Toshiba FC13): the filter cannot guess it either.
+    db = FolderDicomDatabase([_toshiba_fc13_slice(real_ct_dir, tmp_path)])
     node.SetAttribute("DICOM.instanceUIDs", " ".join(db.uids))
+    _expect_refusal(scene, node, r"FC13.*TOSHIBA.*Choose the closest source kernel.*linear transfer filter "
+                    "needs it", bundled, sourceKernel=None, dicomDatabase=db, method="filter")
+    # The real GE STD+ series is one of the bundled model's kernels: read from DICOM, not refused.
+    std_plus = FolderDicomDatabase(sorted(real_ct_dir.glob("*.dcm"))[:1])
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(std_plus.uids))
+    job = logic.prepareHarmonization(node, "B30f", None, bundled, "cpu", dicomDatabase=std_plus,
+                                     method="filter")
+    assert (job.source.name, job.sourceFoundBy, job.target.name) == ("GE_HISPEED_STDPLUS", "DICOM",
+                                                                      "SIEMENS_B30f")
+    # A StarGAN v2 model that does not know STD+ (model v1) refuses it the same way.
     _expect_refusal(scene, node, r"STD\+.*Choose the closest source kernel.*linear transfer filter needs it",
-                    bundled, sourceKernel=None, dicomDatabase=db, method="filter")
+                    V1_MODEL_PATH, sourceKernel=None, dicomDatabase=std_plus, method="filter")
     # A pair without a fitted filter: the engine's message (the fitted pairs) as an input error.
     _expect_refusal(scene, node, r"no fitted transfer filter for BONE -> B30f \(its filters: none\).*"
                     "Choose 'Network model'", model_path, method="filter")

@@ -19,7 +19,13 @@ pytest.importorskip("slicer", reason="slicer-core is needed for the Slicer modul
 
 import fake_slicer_gui  # noqa: E402
 import slicer  # noqa: E402
-from slicer_helpers import add_volume, body_phantom, new_scene  # noqa: E402
+from slicer_helpers import (  # noqa: E402
+    DEFAULT_MODEL_KERNELS,
+    V1_MODEL_PATH,
+    add_volume,
+    body_phantom,
+    new_scene,
+)
 
 MODULE_DIR = fake_slicer_gui.ROOT / "CTHarmonization"
 
@@ -67,7 +73,8 @@ def poll_until_done(widget, seconds: float = 300) -> None:
     assert widget._run is None, "the run did not end"
 
 
-def choose(widget, scene, target="B30f", source="BONE", device="cpu"):
+def choose(widget, scene, target="SIEMENS_B30f", source="GE_BONE", device="cpu"):
+    """An input and the user's choices; the kernels are the bundled default model's domains."""
     node = add_volume(scene, body_phantom(slices=4, size=64), name="chest")
     widget._parameterNode.inputVolume = node
     widget.ui.targetKernelComboBox.choose(target)
@@ -80,10 +87,14 @@ def test_gui_and_parameter_node_stay_bound_both_ways_also_after_close_scene(gui)
     widget, scene, _deps, _worker = gui
     widget.setup()
     ui, node = widget.ui, widget._parameterNode
-    assert ui.targetKernelComboBox.count == 3 and ui.targetKernelComboBox.currentIndex == -1  # no choice yet
+    # The bundled default model's kernels, no choice yet.
+    assert [data for _text, data in ui.targetKernelComboBox.items] == DEFAULT_MODEL_KERNELS
+    assert ui.targetKernelComboBox.currentIndex == -1
+    assert [data for _text, data in ui.sourceKernelComboBox.items] == ["", *DEFAULT_MODEL_KERNELS]
     assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select an input CT volume"
     choose(widget, scene)
-    assert (node.targetKernel, node.sourceKernel, node.device) == ("B30f", "BONE", "cpu")  # GUI -> node
+    # GUI -> node
+    assert (node.targetKernel, node.sourceKernel, node.device) == ("SIEMENS_B30f", "GE_BONE", "cpu")
     assert ui.applyButton.enabled and ui.applyButton.text == "Harmonize"
 
     scene.Clear(0)  # File > Close Scene: the parameter node is reset
@@ -91,11 +102,22 @@ def test_gui_and_parameter_node_stay_bound_both_ways_also_after_close_scene(gui)
     assert node.targetKernel == "" and ui.targetKernelComboBox.currentIndex == -1  # not the old choice
     assert ui.sourceKernelComboBox.currentData == "" and ui.deviceComboBox.currentData == "auto"
     # Values stored in a loaded scene are shown (node -> GUI).
-    node.targetKernel, node.sourceKernel, node.device = "STANDARD", "B30f", "cpu"
+    node.targetKernel, node.sourceKernel, node.device = "GE_STANDARD", "SIEMENS_B30f", "cpu"
     assert (ui.targetKernelComboBox.currentData, ui.sourceKernelComboBox.currentData,
-            ui.deviceComboBox.currentData) == ("STANDARD", "B30f", "cpu")
+            ui.deviceComboBox.currentData) == ("GE_STANDARD", "SIEMENS_B30f", "cpu")
     node.inputVolume = add_volume(scene, body_phantom(slices=4, size=64))
     assert ui.applyButton.enabled
+    # Kernel names of a scene saved with model v1 show as the domains they resolve to, as a run resolves them.
+    node.targetKernel, node.sourceKernel = "STANDARD", "B30f"
+    assert (ui.targetKernelComboBox.currentData, ui.sourceKernelComboBox.currentData) == ("GE_STANDARD",
+                                                                                          "SIEMENS_B30f")
+    assert ui.applyButton.enabled
+    # A target the model does not know shows as no choice, and Harmonize waits for one.
+    node.targetKernel = "B45f"
+    assert ui.targetKernelComboBox.currentIndex == -1
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Choose the target kernel"
+    ui.targetKernelComboBox.choose("PHILIPS_B")
+    assert node.targetKernel == "PHILIPS_B" and ui.applyButton.enabled
 
 
 def test_missing_packages_show_install_then_the_user_chooses_the_target(gui, monkeypatch):
@@ -117,10 +139,11 @@ def test_missing_packages_show_install_then_the_user_chooses_the_target(gui, mon
 
     widget.onApplyButton()
     assert installs == [True] and widget._run is None  # installed, nothing run
-    assert ui.targetKernelComboBox.count == 3 and widget._parameterNode.targetKernel == ""
+    assert ui.targetKernelComboBox.count == len(DEFAULT_MODEL_KERNELS)
+    assert widget._parameterNode.targetKernel == ""
     assert ui.applyButton.text == "Harmonize" and not ui.applyButton.enabled
     assert ui.applyButton.toolTip == "Choose the target kernel" and "Choose the target" in ui.statusLabel.text
-    ui.targetKernelComboBox.choose("B30f")
+    ui.targetKernelComboBox.choose("PHILIPS_B")
     assert ui.applyButton.enabled
 
 
@@ -130,7 +153,20 @@ def test_method_choice_is_bound_both_ways_and_the_card_lists_the_filters(gui):
     ui, node = widget.ui, widget._parameterNode
     assert [data for _text, data in ui.methodComboBox.items] == ["model", "filter"]
     assert node.method == "model" and ui.methodComboBox.currentData == "model" and ui.deviceComboBox.enabled
+    # The bundled kernel-transfer model: its filter is its own linear part, and the methods say so.
+    assert ("Linear transfer filters (Method: linear transfer filter): every other pair: the model's own "
+            "linear transfer") in ui.modelCardLabel.text
+    assert [text for text, _data in ui.methodComboBox.items] == [
+        "Network model (kernel transfer: MTF transfer + residual)",
+        "Linear transfer filter (the model's own linear part, CPU)"]
+    # A StarGAN v2 file with fitted filters (model v1): the card lists its pairs; the method stays chosen.
+    ui.methodComboBox.choose("filter")
+    node.modelPath = str(V1_MODEL_PATH)
     assert "Linear transfer filters (Method: linear transfer filter): BONE -> B30f" in ui.modelCardLabel.text
+    assert [text for text, _data in ui.methodComboBox.items] == [
+        "Network model (texture-aware StarGAN)", "Linear transfer filter (fitted per kernel pair, CPU)"]
+    assert node.method == "filter" and ui.methodComboBox.currentData == "filter"
+    ui.methodComboBox.choose("model")
     ui.methodComboBox.choose("filter")  # GUI -> node
     assert node.method == "filter" and not ui.deviceComboBox.enabled  # the filter runs on the CPU
     node.method = "model"  # node -> GUI (e.g. a loaded scene)
@@ -154,7 +190,8 @@ def test_a_filter_run_through_the_widget_and_a_refused_pair(gui, tmp_path):
     output = widget._parameterNode.lastOutputVolume
     assert output is not None and output.GetID() != node.GetID()
     assert output.GetAttribute("CTHarmonization.Method") == "filter"
-    assert widget.ui.statusLabel.text.endswith("(BONE -> B30f, linear transfer filter).")
+    assert output.GetAttribute("CTHarmonization.SourceKernel") == "GE_BONE"
+    assert widget.ui.statusLabel.text.endswith("(GE_BONE -> SIEMENS_B30f, linear transfer filter).")
     # A model file without filters: refused with the engine's message, nothing started.
     widget._parameterNode.modelPath = str(make_model_file(tmp_path / "plain.safetensors", iterations=5))
     assert "none, network model only" in widget.ui.modelCardLabel.text
@@ -175,8 +212,11 @@ def test_a_run_through_the_widget_adds_the_output(gui):
     assert not widget._timer.active and not widget.errors, widget.errors
     output = widget._parameterNode.lastOutputVolume
     assert output is not None and output.GetID() != node.GetID()
-    assert output.GetAttribute("CTHarmonization.TargetKernel") == "B30f"
+    assert output.GetAttribute("CTHarmonization.TargetKernel") == "SIEMENS_B30f"
+    assert output.GetAttribute("CTHarmonization.Method") == "model"
     assert widget.ui.statusLabel.text.startswith("Done in") and widget.ui.applyButton.text == "Harmonize"
+    assert widget.ui.statusLabel.text.endswith(
+        "(GE_BONE -> SIEMENS_B30f, cpu, kernel transfer, source chosen).")
 
 
 def test_cancel_stays_disabled_until_the_run_ends(gui):
