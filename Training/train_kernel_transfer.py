@@ -42,6 +42,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-iters", type=int, default=None, help="stop at this iteration (resumable)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--export", type=Path, default=None, help="write the model file when training ends")
+    ap.add_argument("--card-metrics", type=Path, default=None,
+                    help="with --export: a Training.validate_real results.json to store in the card")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="fine-tune: start from this checkpoint's generator (new optimizer, iteration 0, the "
                          "source estimator refitted on this config's data)")
@@ -148,9 +150,10 @@ def run(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
                "last_100_rmse_hu": float(np.mean([r["paired_rmse_hu"] for r in run_.history[-100:]]))
                if run_.history else None}
     if args.export is not None:  # the state reached (the card records its iteration count)
-        from .trainer.kernel_transfer_export import export_model
+        from .trainer.kernel_transfer_export import export_model, real_pair_metrics
 
-        summary["model"] = str(export_model(run_, groups, args.export))
+        metrics = {"real_pairs": real_pair_metrics(args.card_metrics)} if args.card_metrics else None
+        summary["model"] = str(export_model(run_, groups, args.export, metrics=metrics))
     write_json_atomic(args.out / "summary.json", summary, indent=2)
     return summary
 

@@ -17,8 +17,9 @@ __all__ = ["catalogue_domains", "export_model", "SUPPORTED_PIXEL_MM", "INTENDED_
 SUPPORTED_PIXEL_MM = (0.4, 1.0)  # the pixel sizes of the training data (simulated and real)
 INTENDED_USE = (
     "Research use: harmonize CT slices between reconstruction kernels for quantitative analysis. Not for "
-    "diagnosis. Trained on simulated reconstructions of real anatomy plus the first 32 slices of one real "
-    "Philips chest pair (L/B); see MODEL_CARD.md for the data, the measured results and their limits."
+    "clinical use, not for diagnosis. Trained on simulated reconstructions of real anatomy plus the fitting "
+    "halves of two real Philips pairs (chest L/B, head phantom YA/UB); see MODEL_CARD.md for the data, the "
+    "measured results and their limits."
 )
 
 
@@ -41,8 +42,35 @@ def _data_text(groups: Sequence[PairedGroup]) -> str:
     slices = sum(g.slices for g in sim)
     return (f"{len(sim)} simulated variants of real anatomy ({slices} slices, every kernel of the model, "
             f"pixel 0.4-1.0 mm, dose x0.5-2) and real pairs: {', '.join(real) or 'none'}. Real data: "
-            "Philips Brilliance 16 chest L/B pair (CC BY 4.0), Philips Brilliance Big Bore chest/abdomen "
-            "(CC BY 4.0), GE HiSpeed Dual head (BSD-2) as anatomy; see MODEL_CARD.md for the attributions")
+            "Philips Brilliance 16 chest L/B pair (TCIA Lung-PET-CT-Dx, CC BY 4.0), Philips Brilliance Big "
+            "Bore chest/abdomen (TCIA Pancreatic-CT-CBCT-SEG, CC BY 4.0), GE HiSpeed Dual head (BSD-2) as "
+            "anatomy, Philips Ingenuity head phantom pair (BSD-2); attributions in MODEL_CARD.md")
+
+
+ROW_KEYS = ("rmse_hu", "lowpass_rmse_hu", "hp_noise_hu", "hp_gap_closed", "nps_distance",
+            "edge_width_10_90_mm", "lung_structure_dice")
+
+
+def real_pair_metrics(results_json: Path) -> dict[str, Any]:
+    """The card's ``metrics.real_pairs``: one row per pair, direction and method of a ``validate_real``
+    results.json (evaluated slices only), with the fitting and evaluated slice ranges."""
+    import json
+
+    res = json.loads(Path(results_json).read_text())
+    rows = []
+    for p in res["pairs"]:
+        for dd in p["directions"].values():
+            for name, m in [*dd["methods"].items(), ("real target", dd["target"])]:
+                direction = f"{dd['source_kernel']} -> {dd['target_kernel']}"
+                rows.append({"pair": p["pair"], "direction": direction,
+                             "method": "this model" if m.get("kind") == "model" else name,
+                             **{k: m.get(k) for k in ROW_KEYS}})
+    first = res["pairs"][0]
+    return {"source": "python -m Training.validate_real (evaluation halves; baselines fitted on the "
+                      "fitting halves)",
+            "fit_slices": {p["pair"]: p["fit_slices"] for p in res["pairs"]},
+            "evaluated_slices": {p["pair"]: p["evaluated_slices"] for p in res["pairs"]},
+            "rmse_window_hu": first.get("rmse_window_hu", res.get("rmse_window_hu")), "rows": rows}
 
 
 def export_model(run: KTRun, groups: Sequence[PairedGroup], path: Path,
