@@ -102,7 +102,14 @@ def node_from_ct_volume(scene: Any, volume: Any, name: str = "CT") -> Any:
     ijk_to_ras[:3, :3] = direction * np.array(volume.spacing)[None, :]
     ijk_to_ras[:3, 3] = volume.origin
     ijk_to_ras[:2, :] *= -1  # LPS -> RAS
-    return add_volume(scene, volume.hu.astype(volume.stored_dtype), ijk_to_ras=ijk_to_ras, name=name)
+    # Slicer's DICOM import stores the rescaled HU; unsigned stored pixels (e.g. uint16 with intercept -1024)
+    # become a signed volume, as HU below 0 do not fit the stored type.
+    dtype = np.dtype(volume.stored_dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        if volume.hu.min() < info.min or volume.hu.max() > info.max:
+            dtype = np.dtype(np.int16)
+    return add_volume(scene, volume.hu.astype(dtype), ijk_to_ras=ijk_to_ras, name=name)
 
 
 def body_phantom(slices: int = 8, size: int = 128, seed: int = 0) -> np.ndarray:
