@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from TextureStarGANCore.config import ModelConfig
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS, Domain
@@ -137,3 +140,37 @@ def make_kernel_transfer_file(
         path, gen, est, domains, training, supported_pixel_mm=supported_pixel_mm,
         intended_use="Tests only: seeded weights.", transfer_filters=transfer_filters,
     )
+
+
+def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata (model card included) of a model file, as stored."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def rewrite_model_file(
+    src: Path,
+    dst: Path,
+    *,
+    card: Callable[[dict], None] | None = None,
+    tensors: Callable[[dict], None] | None = None,
+    metadata: Callable[[dict], None] | None = None,
+    digest: bool = True,
+) -> Path:
+    """Copy a valid file with one targeted change; the checksum is recomputed (unless ``digest`` is False)
+    so only that change is tested."""
+    from TextureStarGANCore import model_file
+
+    ts, meta = read_model_file(src)
+    if card is not None:
+        c = json.loads(meta["model_card"])
+        card(c)
+        meta["model_card"] = json.dumps(c)
+    if tensors is not None:
+        tensors(ts)
+    if digest:
+        meta["weights_sha256"] = model_file._weights_digest(ts)
+    if metadata is not None:
+        metadata(meta)
+    save_file(ts, str(dst), metadata=meta)
+    return dst

@@ -1,7 +1,8 @@
 """Tiny simulated DICOM trees shared by the data-pipeline tests.
 
-``shared_sim_tree()`` simulates once per test process (into a temporary folder removed at exit) so the
-simulator, preparation and dataset tests do not each pay for it. Tests must not modify it.
+``shared_sim_tree()`` (phantoms) and ``shared_anatomy_sim()`` (real anatomy) simulate once per test process
+(into a temporary folder removed at exit) so the simulator, preparation, dataset and trainer tests do not
+each pay for it. Tests must not modify them.
 """
 
 from __future__ import annotations
@@ -52,3 +53,30 @@ def shared_dataset() -> Path:
         prepare(shared_sim_tree(), out, spec=TINY_SPEC, seed=7)
         _SHARED["dataset"] = out
     return _SHARED["dataset"]
+
+
+ANATOMY_DOMAINS = ("PHILIPS_B", "PHILIPS_L", "SIEMENS_I30f_3")
+
+
+def shared_anatomy_sim(chest_pair: Path) -> tuple[Path, Path]:
+    """(anatomy tree, simulated tree), read-only: three slices (30-32) of the real chest pair's B series with
+    its licence files as a user's anatomy tree, and one variant of it (192 px, seed 3) with the kernels
+    ``ANATOMY_DOMAINS``."""
+    if "anatomy" not in _SHARED:
+        from Training.simulate import main
+
+        tmp = Path(tempfile.mkdtemp(prefix="cth-anatomy-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        series = tmp / "anatomy" / "pair" / "B_smooth"
+        series.mkdir(parents=True)
+        for f in sorted((chest_pair / "B_smooth").iterdir())[30:33]:
+            shutil.copy(f, series / f.name)
+        for name in ("README.md", "LICENSE"):
+            shutil.copy(chest_pair / name, tmp / "anatomy" / "pair" / name)
+        out = tmp / "sim"
+        args = ["--out", str(out), "--anatomy", str(tmp / "anatomy"), "--domains", ",".join(ANATOMY_DOMAINS),
+                "--size", "192", "--variants", "1", "--seed", "3"]
+        if main(args) != 0:
+            raise RuntimeError("the shared real-anatomy simulation failed")
+        _SHARED["anatomy"], _SHARED["anatomy_sim"] = tmp / "anatomy", out
+    return _SHARED["anatomy"], _SHARED["anatomy_sim"]

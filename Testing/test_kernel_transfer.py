@@ -5,10 +5,8 @@ Slicer logic in test_slicer_logic.py and test_slicer_job.py."""
 
 from __future__ import annotations
 
-import json
 import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from model_factory import KT_TINY, kernel_transfer_networks, make_kernel_transfer_file
-from safetensors import safe_open
-from safetensors.torch import save_file
+from model_factory import rewrite_model_file as _rewrite
 
 from TextureStarGANCore import cli
 from TextureStarGANCore import model_file as mfile
@@ -103,27 +100,6 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert Harmonizer(mf, device="cpu").preprocessing is None
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
-
-
-def _rewrite(src: Path, dst: Path, card: Callable[[dict], None] | None = None,
-             tensors: Callable[[dict], None] | None = None, digest: bool = True) -> Path:
-    """A copy of a valid file with one change; the checksum is recomputed unless ``digest`` is False."""
-    ts, meta = _read(src)
-    if card is not None:
-        c = json.loads(meta["model_card"])
-        card(c)
-        meta["model_card"] = json.dumps(c)
-    if tensors is not None:
-        tensors(ts)
-    if digest:
-        meta["weights_sha256"] = mfile._weights_digest(ts)
-    save_file(ts, str(dst), metadata=meta)
-    return dst
-
-
 def _nan(ts: dict) -> None:
     ts["generator.convs.0.weight"][0, 0, 0, 0] = float("nan")
 
@@ -160,7 +136,7 @@ def _nan(ts: dict) -> None:
          "created"],
 )
 def test_bad_files_are_refused_with_a_clear_message(kt_file, tmp_path, card, tensors, digest, messages):
-    bad = _rewrite(kt_file, tmp_path / "bad.safetensors", card, tensors, digest)
+    bad = _rewrite(kt_file, tmp_path / "bad.safetensors", card=card, tensors=tensors, digest=digest)
     with pytest.raises(ModelFileError) as info:
         load_model_file(bad)
     for m in messages:

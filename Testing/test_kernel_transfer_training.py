@@ -4,7 +4,6 @@ learn, runs resume exactly, and the export loads in the engine and harmonizes.""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,14 @@ import pytest
 import torch
 import yaml
 from conftest import SHARED
+from simdata import ANATOMY_DOMAINS, shared_anatomy_sim
 
 from Training.trainer.kernel_transfer_config import KTConfigError, load_kt_config
 from Training.trainer.kernel_transfer_train import KTRun, build_networks, train
 from Training.trainer.paired_data import PairedGroup, PairSampler
 
 CHEST = SHARED / "data" / "real_ct" / "philips_brilliance16_chest_l_b_pair"
-DOMAINS = ["PHILIPS_B", "PHILIPS_L", "SIEMENS_I30f_3"]
+DOMAINS = list(ANATOMY_DOMAINS)
 
 
 def _need_real() -> None:
@@ -48,22 +48,10 @@ def _config(tmp: Path, sim: Path | None, **over) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sim_tree(tmp_path_factory) -> Path:
+def sim_tree() -> Path:
     """One simulated variant (3 slices of the real chest B as anatomy, 192 px) with the three kernels."""
     _need_real()
-    from Training.simulate import main
-
-    root = tmp_path_factory.mktemp("anatomy")
-    series = root / "pair" / "B_smooth"
-    series.mkdir(parents=True)
-    for f in sorted((CHEST / "B_smooth").iterdir())[30:33]:
-        shutil.copy(f, series / f.name)
-    for name in ("README.md", "LICENSE"):
-        shutil.copy(CHEST / name, root / "pair" / name)
-    out = tmp_path_factory.mktemp("sim") / "out"
-    assert main(["--out", str(out), "--anatomy", str(root), "--domains", ",".join(DOMAINS), "--size", "192",
-                 "--variants", "1", "--seed", "3"]) == 0
-    return out
+    return shared_anatomy_sim(CHEST)[1]
 
 
 def test_sampler_crops_are_aligned_and_use_two_domains():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from model_factory import make_model_file
-from safetensors import safe_open
+from model_factory import read_model_file as _read
+from model_factory import rewrite_model_file as _rewrite
 from safetensors.torch import save_file
 
 from TextureStarGANCore import model_file as ckpt
@@ -46,34 +47,6 @@ def good_file(tmp_path_factory) -> Path:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
-
-
-def _rewrite(
-    src: Path,
-    dst: Path,
-    *,
-    card: Callable[[dict], None] | None = None,
-    tensors: Callable[[dict], None] | None = None,
-    metadata: Callable[[dict], None] | None = None,
-) -> Path:
-    """Copy a valid file with one targeted change; the checksum stays valid so only that change is tested."""
-    ts, meta = _read(src)
-    if card is not None:
-        c = json.loads(meta["model_card"])
-        card(c)
-        meta["model_card"] = json.dumps(c)
-    if tensors is not None:
-        tensors(ts)
-    meta["weights_sha256"] = ckpt._weights_digest(ts)
-    if metadata is not None:
-        metadata(meta)
-    save_file(ts, str(dst), metadata=meta)
-    return dst
 
 
 def _refused(path: Path, *patterns: str) -> str:

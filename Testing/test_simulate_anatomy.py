@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from conftest import SHARED
 from scipy import ndimage
+from simdata import ANATOMY_DOMAINS, shared_anatomy_sim
 
 from TextureStarGANCore.volume_io import InputError
 from Training.simulator import catalogue as C
@@ -20,7 +21,7 @@ from Training.simulator.measure import edge_width_mm, highpass_noise_sd, measure
 
 REAL = SHARED / "data" / "real_ct"
 CHEST_B = REAL / "philips_brilliance16_chest_l_b_pair" / "B_smooth"
-DOMAINS = ("PHILIPS_B", "PHILIPS_L", "SIEMENS_I30f_3")
+DOMAINS = ANATOMY_DOMAINS
 
 
 def _need_real() -> None:
@@ -29,42 +30,15 @@ def _need_real() -> None:
 
 
 @pytest.fixture(scope="module")
-def anatomy_tree(tmp_path_factory) -> Path:
+def anatomy_tree() -> Path:
     """Three slices of the real Philips chest (B) with the series' licence files, as a user's anatomy tree."""
     _need_real()
-    root = tmp_path_factory.mktemp("anatomy")
-    series = root / "pair" / "B_smooth"
-    series.mkdir(parents=True)
-    for f in sorted(CHEST_B.iterdir())[30:33]:
-        shutil.copy(f, series / f.name)
-    for name in ("README.md", "LICENSE"):
-        shutil.copy(CHEST_B.parent / name, root / "pair" / name)
-    return root
+    return shared_anatomy_sim(CHEST_B.parent)[0]
 
 
 @pytest.fixture(scope="module")
-def sim_tree(anatomy_tree, tmp_path_factory) -> Path:
-    from Training.simulate import main
-
-    out = tmp_path_factory.mktemp("sim") / "out"
-    rc = main(
-        [
-            "--out",
-            str(out),
-            "--anatomy",
-            str(anatomy_tree),
-            "--domains",
-            ",".join(DOMAINS),
-            "--size",
-            "192",
-            "--variants",
-            "1",
-            "--seed",
-            "3",
-        ]
-    )
-    assert rc == 0
-    return out
+def sim_tree(anatomy_tree) -> Path:
+    return shared_anatomy_sim(CHEST_B.parent)[1]
 
 
 def _series(folder: Path) -> list[pydicom.Dataset]:

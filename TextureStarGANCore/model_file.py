@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,12 +155,23 @@ def make_model_card(
     ``transfer_filters``: optional fitted linear filters, entries ``{"source", "target": domain names,
     "filter": TransferFilter.to_dict(), "fitted_on": text}``.
     """
+    return _card(config, domains, training, metrics, intended_use, created, transfer_filters, {
+        "preprocessing": preprocessing.to_dict(),
+        "target_styles": {"method": TARGET_STYLE_METHOD, "num_latents": num_latents, "seed": style_seed},
+    })
+
+
+def _card(
+    config: Any, domains: Sequence[Domain], training: Mapping[str, Any], metrics: Mapping[str, Any] | None,
+    intended_use: str, created: str | None, transfer_filters: list[dict[str, Any]] | None,
+    kind_fields: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The card fields every model kind has, with ``kind_fields`` after the domains."""
     card = {
         "format_version": FORMAT_VERSION,
         "architecture": config.to_dict(),
         "domains": [d.to_dict() for d in domains],
-        "preprocessing": preprocessing.to_dict(),
-        "target_styles": {"method": TARGET_STYLE_METHOD, "num_latents": num_latents, "seed": style_seed},
+        **kind_fields,
         "training": dict(training),
         "metrics": dict(metrics or {}),
         "intended_use": intended_use,
@@ -485,19 +496,8 @@ def make_kernel_transfer_card(
     transfer_filters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A complete kernel-transfer model card (see DESIGN.md); ``save_kernel_transfer_model`` builds it."""
-    card = {
-        "format_version": FORMAT_VERSION,
-        "architecture": config.to_dict(),
-        "domains": [d.to_dict() for d in domains],
-        "supported_pixel_mm": [float(v) for v in supported_pixel_mm],
-        "training": dict(training),
-        "metrics": dict(metrics or {}),
-        "intended_use": intended_use,
-        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if transfer_filters:
-        card["transfer_filters"] = [dict(e) for e in transfer_filters]
-    return card
+    return _card(config, domains, training, metrics, intended_use, created, transfer_filters,
+                 {"supported_pixel_mm": [float(v) for v in supported_pixel_mm]})
 
 
 def save_kernel_transfer_model(

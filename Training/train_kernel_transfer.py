@@ -27,6 +27,7 @@ from TextureStarGANCore.fileio import write_json_atomic
 from TextureStarGANCore.volume_io import InputError, read_volume
 
 from .command import run_command
+from .evaluation.real_pairs import parse_range
 from .trainer.kernel_transfer_config import KTConfig, KTConfigError, load_kt_config
 from .trainer.kernel_transfer_train import KTRun, fit_estimator, latest_checkpoint, train
 from .trainer.paired_data import PairedGroup, load_simulated_groups, real_pair_group
@@ -50,13 +51,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _slices(text: str | None, n: int) -> range:
-    if not text:
-        return range(n)
-    a, _, b = str(text).partition(":")
-    return range(int(a or 0), int(b) if b else n)
-
-
 def load_groups(cfg: KTConfig, progress: Any) -> tuple[list[PairedGroup], list[tuple[np.ndarray, Any, str]]]:
     """The paired groups and the estimator's extra single-kernel slices named by the config."""
     groups: list[PairedGroup] = []
@@ -72,7 +66,8 @@ def load_groups(cfg: KTConfig, progress: Any) -> tuple[list[PairedGroup], list[t
         shapes = {v.hu.shape for v in vols.values()}
         if len(shapes) != 1:
             raise KTConfigError(f"data.real {entry['name']}: series differ in shape {shapes}")
-        rows = _slices(entry.get("slices"), next(iter(shapes))[0])
+        n = next(iter(shapes))[0]
+        rows = parse_range(entry.get("slices"), n, (0, n), f"data.real {entry['name']} slices")
         groups.append(real_pair_group(entry["name"], vols, rows))
     extra = []
     for entry in cfg.data.estimator_real:

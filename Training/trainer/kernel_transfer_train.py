@@ -96,14 +96,12 @@ def fit_estimator(est: SourceEstimator, groups: list[PairedGroup], cfg: KTConfig
     index = {d: i for i, d in enumerate(cfg.domains)}
     x, y = _slice_features(groups, index, est.config.feature_bands, cfg.estimator.slice_stride,
                            list(extra), progress)
-    mask = x[:, est.config.feature_bands:]
-    mean = (x * 1).mean(0)
+    mean = x.mean(0)
     std = x.std(0).clamp_min(1e-3)
     # The mask half is 0/1: keep it unscaled so a missing band reads as "absent", not as an outlier.
     mean[est.config.feature_bands:], std[est.config.feature_bands:] = 0.0, 1.0
     est.feature_mean.copy_(mean)
     est.feature_std.copy_(std)
-    del mask
     opt = torch.optim.Adam(est.mlp.parameters(), cfg.estimator.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     for step in range(cfg.estimator.steps):

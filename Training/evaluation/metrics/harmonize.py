@@ -121,15 +121,28 @@ class CanvasHarmonizer:
             return self._kernel_transfer(canvases, target, source, spec, progress, cancel)
         tile = self.spec.tile_size if tile == "model" else tile
         style = self.styles[self.domain(target).id].unsqueeze(0)
+
+        def stargan(x: torch.Tensor) -> torch.Tensor:
+            return run_generator_tiled(self.generator, x[:, None], style, tile)[:, 0]
+
+        return self._batched(canvases, stargan, progress, cancel)
+
+    def _batched(
+        self,
+        canvases: np.ndarray,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        progress: Callable[[int, int], None] | None,
+        cancel: threading.Event | None,
+    ) -> np.ndarray:
+        """``run`` on batches of canvases (B, S, S) on the model's device; its (B, S, S) canvases, clamped."""
         n = len(canvases)
         out = np.empty(canvases.shape, dtype=np.float32)
         for start in range(0, n, self.batch_size):
             if cancel is not None and cancel.is_set():
                 raise InterruptedError(f"harmonization cancelled after {start} of {n} slices")
             x = torch.from_numpy(np.ascontiguousarray(canvases[start : start + self.batch_size], np.float32))
-            x = x.to(self.device)[:, None]
-            y = run_generator_tiled(self.generator, x, style, tile)
-            out[start : start + len(x)] = y[:, 0].clamp(-1.0, 1.0).float().cpu().numpy()
+            y = run(x.to(self.device))
+            out[start : start + len(x)] = y.float().clamp(-1.0, 1.0).cpu().numpy()
             if progress is not None:
                 progress(min(start + self.batch_size, n), n)
         return out
@@ -151,19 +164,14 @@ class CanvasHarmonizer:
         pixel = (spec.pixel_spacing_mm, spec.pixel_spacing_mm)
         tgt = self.domain(target).id
         src = self.domain(source).id if source is not None else None
-        n = len(canvases)
-        out = np.empty(canvases.shape, dtype=np.float32)
-        for start in range(0, n, self.batch_size):
-            if cancel is not None and cancel.is_set():
-                raise InterruptedError(f"harmonization cancelled after {start} of {n} slices")
-            x = torch.from_numpy(np.ascontiguousarray(canvases[start : start + self.batch_size], np.float32))
-            hu = unit_to_hu(x.to(self.device), spec)[:, None]
+
+        def kernel_transfer(x: torch.Tensor) -> torch.Tensor:
+            hu = unit_to_hu(x, spec)[:, None]
             b = hu.shape[0]
             # Without a known source: the estimator's most likely domain, slice by slice.
             s = (self.estimator(hu, pixel).argmax(1) if src is None
                  else torch.full((b,), src, dtype=torch.long))
             y = self.generator(hu, [pixel] * b, s, torch.full((b,), tgt, dtype=torch.long))
-            out[start : start + b] = hu_to_unit(y[:, 0].float(), spec).clamp(-1.0, 1.0).cpu().numpy()
-            if progress is not None:
-                progress(min(start + self.batch_size, n), n)
-        return out
+            return hu_to_unit(y[:, 0].float(), spec)
+
+        return self._batched(canvases, kernel_transfer, progress, cancel)
