@@ -90,12 +90,14 @@ def kernel_transfer_networks(
     seed: int = 0,
     residual: bool = True,
     log_mtf: torch.Tensor | None = None,
+    log_keep: torch.Tensor | None = None,
 ) -> tuple[KernelTransferGenerator, SourceEstimator]:
     """A generator and source estimator with seeded, non-trivial weights (eval mode).
 
     ``log_mtf`` (num_domains, num_knots - 1): the learned log MTFs (default: ``KT_CUTOFFS`` Gaussians);
     ``residual`` False keeps the output layer at zero (an untrained residual: the output is the linear
-    transfer). The estimator's feature normalisation is set too, so every tensor of the file matters.
+    transfer). ``log_keep`` (same shape; configs with ``noise_synthesis``): the noise curves (default 0).
+    The estimator's feature normalisation is set too, so every tensor of the file matters.
     """
     domains = list(domains) if domains is not None else list(DEFAULT_SIMULATED_DOMAINS)
     config = config or KT_TINY
@@ -107,6 +109,8 @@ def kernel_transfer_networks(
             f = config.knots[1:].float()
             log_mtf = torch.stack([-(f / KT_CUTOFFS.get(d.name, 0.6)) ** 2 for d in domains])
         gen.log_mtf.copy_(log_mtf)
+        if log_keep is not None:
+            gen.log_keep.copy_(log_keep)
         torch.nn.init.normal_(gen.film.weight, std=0.05)
         torch.nn.init.normal_(gen.film.bias, std=0.05)
         if residual:
@@ -126,6 +130,7 @@ def make_kernel_transfer_file(
     seed: int = 0,
     residual: bool = True,
     log_mtf: torch.Tensor | None = None,
+    log_keep: torch.Tensor | None = None,
     supported_pixel_mm: tuple[float, float] = (0.4, 1.0),
     transfer_filters: list[dict] | None = None,
 ) -> Path:
@@ -133,7 +138,7 @@ def make_kernel_transfer_file(
     Marked untrained unless ``iterations > 0``."""
     domains = list(domains) if domains is not None else list(DEFAULT_SIMULATED_DOMAINS)
     gen, est = kernel_transfer_networks(config, domains=domains, seed=seed, residual=residual,
-                                        log_mtf=log_mtf)
+                                        log_mtf=log_mtf, log_keep=log_keep)
     training = {"data": "none (seeded test weights)", "iterations": int(iterations), "texture_loss": False,
                 "code_version": "test"}
     return save_kernel_transfer_model(

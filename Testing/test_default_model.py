@@ -1,6 +1,7 @@
 """The bundled default model (v2, kernel transfer): small, labelled, loads safely, harmonizes the bundled real
-sample (Philips L) towards the smooth kernel B without moving the anatomy, and beats a Gaussian blur on
-held-out slices of the shared real chest pair."""
+sample (Philips L) towards the smooth kernel B without moving the anatomy, beats a Gaussian blur on
+held-out slices of the shared real chest pair, and restores the noise that iterative UB removed when it
+converts the real head phantom pair's UB to YA."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from TextureStarGANCore.volume_io import read_volume
 
 SAMPLE = Path(__file__).resolve().parents[1] / "TextureStarGANCore" / "samples" / "chest_l_sharp"
 CHEST = SHARED / "data" / "real_ct" / "philips_brilliance16_chest_l_b_pair"
+HEAD = SHARED / "data" / "real_ct" / "philips_ingenuity_head_phantom_ub_ya_pair"
+HEAD_EVAL_SLICES = [30, 38, 46]  # the head pair's evaluation half (24:48)
 EVAL_SLICES = [34, 44, 54, 62]  # the pair's evaluation half (32:64): never used in training or fitting
 
 
@@ -91,3 +94,24 @@ def test_beats_a_gaussian_blur_on_held_out_slices_of_the_real_chest_pair() -> No
     hp = [float((v - ndimage.gaussian_filter(v, (0, 2, 2)))[soft].std()) for v in (y, back, x)]
     # B -> L restores most of L's high-pass noise (the gap from B's to L's level).
     assert abs(hp[1] - hp[2]) < 0.3 * abs(hp[0] - hp[2])
+
+
+def test_iterative_ub_to_sharp_ya_restores_the_noise_and_nothing_is_added_the_other_way() -> None:
+    if not HEAD.is_dir():
+        pytest.skip(f"shared real CT pair missing at {HEAD}")
+    from Training.evaluation.metrics.highpass import highpass_noise_sd, soft_tissue_mask
+
+    ya, ub = read_volume(HEAD / "YA_bone"), read_volume(HEAD / "UB_standard")
+    x, y = ub.hu[HEAD_EVAL_SLICES], ya.hu[HEAD_EVAL_SLICES]
+    h = Harmonizer.from_checkpoint(device="cpu")
+    assert h.synthesizes_noise
+    out = h.harmonize(x, ub.spacing, "PHILIPS_YA", source="PHILIPS_UB_IDOSE")
+    mean = h.harmonize(x, ub.spacing, "PHILIPS_YA", source="PHILIPS_UB_IDOSE", noise=False)
+    soft = np.stack([soft_tissue_mask(t) for t in y])
+    before, target = highpass_noise_sd(x, soft), highpass_noise_sd(y, soft)
+    closed = [1 - abs(highpass_noise_sd(v, soft) - target) / abs(before - target) for v in (mean, out)]
+    assert closed[0] < 0.6 and closed[1] >= 0.7  # the mean image is too clean; the noise closes the gap
+    # Towards the iterative kernel nothing is missing: the output is the mean image.
+    down = h.harmonize(y, ya.spacing, "PHILIPS_UB_IDOSE", source="PHILIPS_YA")
+    np.testing.assert_array_equal(down, h.harmonize(y, ya.spacing, "PHILIPS_UB_IDOSE", source="PHILIPS_YA",
+                                                    noise=False))

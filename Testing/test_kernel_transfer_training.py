@@ -37,6 +37,7 @@ def _config(tmp: Path, sim: Path | None, **over) -> Path:
                  "crop": 64, "margin": 8},
         "train": {"iters": 6, "batch": 2, "threads": 1},
         "estimator": {"steps": 20, "slice_stride": 1},
+        "noise": {"steps": 3, "batch": 2},
         "checkpoint_every": 3,
     }
     for key, value in over.items():
@@ -94,6 +95,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_kt_config(_config(tmp_path, None), {"train.speed": 3})
     with pytest.raises(KTConfigError, match="crop"):
         load_kt_config(_config(tmp_path, None), {"data.crop": 32})
+    with pytest.raises(KTConfigError, match="model.noise_synthesis: must be true or false"):
+        load_kt_config(_config(tmp_path, None), {"model.noise_synthesis": "yes"})
 
 
 def test_training_learns_resumes_exactly_and_exports(sim_tree, tmp_path):
@@ -109,6 +112,7 @@ def test_training_learns_resumes_exactly_and_exports(sim_tree, tmp_path):
                        "--export", str(model)]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iteration"] == 6 and summary["groups"] == {"simulated": 1, "real": 1}
+    assert summary["noise_fit"]["steps"] == 3  # the noise curves are fitted after training
     assert (run_dir / "training_curve.png").stat().st_size > 1000
     # Resuming gives the same weights as one uninterrupted run.
     straight = tmp_path / "straight"
@@ -148,3 +152,22 @@ def test_a_learning_step_lowers_the_paired_error(tmp_path):
     before = error()
     train(run, groups, tmp_path / "r")
     assert error() < 0.97 * before
+
+
+def test_card_metrics_keep_the_validated_model_and_its_no_noise_row_only(tmp_path):
+    from Training.trainer.kernel_transfer_export import real_pair_metrics
+
+    def method(kind: str, file: str | None = None) -> dict:
+        return {"kind": kind, "rmse_hu": 1.0, **({"params": {"file": file}} if file else {})}
+
+    results = {"models": ["a.safetensors", "b.safetensors"], "pairs": [{
+        "pair": "p", "fit_slices": [0, 2], "evaluated_slices": [2, 4], "rmse_window_hu": [-1024, 600],
+        "directions": {"sharp->smooth": {
+            "source_kernel": "L", "target_kernel": "B", "target": {"rmse_hu": 0.0},
+            "methods": {"identity": method("baseline"), "model a": method("model", "a.safetensors"),
+                        "model b": method("model", "b.safetensors"),
+                        "model a --no-noise": method("model", "a.safetensors")}}}}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    rows = real_pair_metrics(path)["rows"]
+    assert [r["method"] for r in rows] == ["identity", "this model", "this model --no-noise", "real target"]

@@ -436,9 +436,9 @@ def test_a_kernel_transfer_model_runs_with_a_chosen_or_estimated_source(scene, k
     assert not np.array_equal(voxels_of(out), voxels)
     np.testing.assert_array_equal(voxels_of(node), voxels)
     attrs = {k: out.GetAttribute("CTHarmonization." + k) for k in
-             ("SourceKernel", "SourceKernelFrom", "TargetKernel", "Method", "Notes")}
+             ("SourceKernel", "SourceKernelFrom", "TargetKernel", "Method", "Notes", "Noise")}
     assert attrs == {"SourceKernel": "BONE", "SourceKernelFrom": "chosen", "TargetKernel": "B30f",
-                     "Method": "model", "Notes": ""}
+                     "Method": "model", "Notes": "", "Noise": "not in this model"}
     domains = logic.loadModel(kt_model_path).domains
     assert "the model estimates it from the image" in logic.describeDetectedKernel(node, domains,
                                                                                    canEstimate=True)

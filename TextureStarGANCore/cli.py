@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--fine-detail", choices=("scaled", "keep", "drop"), default="scaled",
                    help="detail finer than the model's pixels: scale it like the model changed the finest "
                         "texture it sees (default), keep it, or drop it")
+    h.add_argument("--no-noise", action="store_true",
+                   help="kernel-transfer models with noise synthesis: leave out the synthesized noise (the "
+                        "deterministic mean image; smoother than the target kernel where the source removed "
+                        "noise)")
     h.add_argument("--method", choices=("model", "filter"), default="model",
                    help="model: the network (default); filter: the model file's fitted linear kernel-"
                         "transfer "
@@ -310,6 +314,7 @@ def _compute(plan: _Plan, harmonizer: Any, args: argparse.Namespace, interrupts:
                 result = harmonizer.harmonize(
                     plan.axial_hu, plan.spacing, plan.target.id, source=source, progress=progress,
                     cancel=interrupts.cancel, fine_detail=args.fine_detail, tags=plan.volume.tags,
+                    noise=not args.no_noise,
                 )
         except HarmonizationCancelled:
             raise KeyboardInterrupt from None

@@ -288,6 +288,11 @@ class Harmonizer:
         return self._file.kind
 
     @property
+    def synthesizes_noise(self) -> bool:
+        """Whether ``harmonize(noise=True)`` adds synthesized noise (kernel-transfer models that have it)."""
+        return self._file.kind == KIND_KERNEL_TRANSFER and bool(self._generator.config.noise_synthesis)
+
+    @property
     def supported_pixel_mm(self) -> tuple[float, float] | None:
         """(min, max) pixel size in mm of a kernel-transfer model; None for StarGAN v2."""
         return self._file.supported_pixel_mm
@@ -396,6 +401,8 @@ class Harmonizer:
         reference_spacing: Sequence[float] | None = None,
         fine_detail: str = "scaled",
         tags: Mapping[str, Any] | None = None,
+        noise: bool = True,
+        noise_seed: int = 0,
     ) -> np.ndarray:
         """Harmonize ``volume`` (slices, rows, cols) in HU to the ``target`` kernel; same shape and dtype.
 
@@ -429,8 +436,9 @@ class Harmonizer:
             raise HarmonizationCancelled("harmonization cancelled before it started")
         t0 = time.perf_counter()
         if self._file.kind == KIND_KERNEL_TRANSFER:
+            seed = int(noise_seed) * 1000003 if noise else None
             return self._harmonize_native(arr, (sx, sy), tgt, src, tags, progress, cancel,
-                                          batch_size or self.batch_size, t0)
+                                          batch_size or self.batch_size, t0, seed)
         if reference is not None:
             style = self.reference_style(reference, tgt.id, reference_spacing or spacing)
             mode = "reference"
@@ -453,14 +461,14 @@ class Harmonizer:
         spec = self._file.preprocessing
         center = body_center(arr, spacing_xy)
         return self._run_batches(
-            arr, lambda s: self._batch(s, spacing_xy, spec, center, style, fine_detail), progress, cancel,
-            batch_size)
+            arr, lambda s, _start: self._batch(s, spacing_xy, spec, center, style, fine_detail), progress,
+            cancel, batch_size)
 
-    def _run_batches(self, arr: np.ndarray, batch_fn: Callable[[np.ndarray], np.ndarray],
+    def _run_batches(self, arr: np.ndarray, batch_fn: Callable[[np.ndarray, int], np.ndarray],
                      progress: ProgressFn | None, cancel: threading.Event | None,
                      batch_size: int) -> np.ndarray:
-        """``batch_fn`` over consecutive slices in a fixed order: progress after each batch, cancel before
-        the next, and a CUDA out-of-memory error halves the batch and retries it."""
+        """``batch_fn(slices, index of the first)`` over consecutive slices in a fixed order: progress after
+        each batch, cancel before the next, and a CUDA out-of-memory error halves the batch and retries it."""
         n = arr.shape[0]
         out = np.empty(arr.shape, dtype=np.float32)
         done, bs = 0, batch_size
@@ -470,7 +478,7 @@ class Harmonizer:
                     raise HarmonizationCancelled(f"harmonization cancelled after {done} of {n} slices")
                 end = min(n, done + bs)
                 try:
-                    out[done:end] = batch_fn(arr[done:end])
+                    out[done:end] = batch_fn(arr[done:end], done)
                 except torch.cuda.OutOfMemoryError:
                     if bs == 1:
                         raise RuntimeError("CUDA out of memory even with one slice per batch; free GPU "
@@ -542,8 +550,10 @@ class Harmonizer:
 
     def _harmonize_native(self, arr: np.ndarray, spacing_xy: tuple[float, float], tgt: Domain,
                           src: Domain | None, tags: Mapping[str, Any] | None, progress: ProgressFn | None,
-                          cancel: threading.Event | None, batch_size: int, t0: float) -> np.ndarray:
-        """Kernel transfer of every slice at its own pixel size (no canvas)."""
+                          cancel: threading.Event | None, batch_size: int, t0: float,
+                          seed: int | None) -> np.ndarray:
+        """Kernel transfer of every slice at its own pixel size (no canvas); ``seed``: noise synthesis (models
+        that have it) with slice k drawing from ``seed + k``, None: none."""
         notes = []
         note = pixel_size_note(self._file, spacing_xy)
         if note is not None:
@@ -552,28 +562,35 @@ class Harmonizer:
         source, how, probs = self._choose_source(arr, spacing_xy, src, tags)
         if cancel is not None and cancel.is_set():
             raise HarmonizationCancelled("harmonization cancelled before it started")
-        out_f = self._run_batches(
-            arr, lambda s: self._native_batch(s, spacing_xy, source.id, tgt.id), progress, cancel, batch_size)
+        synth = seed is not None and self._generator.config.noise_synthesis
+
+        def batch(s: np.ndarray, start: int) -> np.ndarray:
+            seeds = [seed + start + k for k in range(len(s))] if synth else None  # type: ignore[operator]
+            return self._native_batch(s, spacing_xy, source.id, tgt.id, seeds)
+
+        out_f = self._run_batches(arr, batch, progress, cancel, batch_size)
         out = cast_clipped(out_f, arr.dtype)
         self.last_run = {
             "target": tgt.name, "source": source.name, "source_from": how, "kind": self.kind,
             "device": str(self.device), "slices": int(arr.shape[0]),
             "seconds": round(time.perf_counter() - t0, 3), "model": str(self._file.path),
             "pixel_mm": [spacing_xy[0], spacing_xy[1]], "notes": notes,
+            "noise": (f"synthesized (seed {seed})" if synth else
+                      "off" if self._generator.config.noise_synthesis else "not in this model"),
         }
         if probs is not None:
             self.last_run["source_probabilities"] = probs
         return out
 
     def _native_batch(self, slices: np.ndarray, spacing_xy: tuple[float, float], source: int,
-                      target: int) -> np.ndarray:
+                      target: int, seeds: list[int] | None) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         n = x.shape[0]
         src = torch.full((n,), source, dtype=torch.long, device=self.device)
         tgt = torch.full((n,), target, dtype=torch.long, device=self.device)
-        y = self._generator(x[:, None], [spacing_xy] * n, src, tgt)  # float32: see the module docstring
+        y = self._generator(x[:, None], [spacing_xy] * n, src, tgt, seeds)  # float32: see module docstring
         return y[:, 0].float().cpu().numpy()
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .noise_synthesis import synthesize_noise
 from .transfer_filter import TransferFilter
 
 __all__ = ["KernelTransferConfig", "KernelTransferGenerator", "SourceEstimator", "spectral_features",
@@ -55,6 +56,14 @@ class KernelTransferConfig:
     num_knots: int = 37  # 0 .. 1.8 cycles/mm: the corner frequency of 0.4 mm pixels is 1.77
     feature_bands: int = 34  # SourceEstimator: radial bands of 0.05 cycles/mm from 0.1
     estimator_hidden: int = 64
+    # The log curves (gain, noise) below the second knot: quadratic in f through 0 and the second knot (True;
+    # a transfer function is even and smooth at 0, and the first knot is then not free) or piecewise linear
+    # (False, the first v2 files). Linear puts a kink at 0, and a free first knot learns a low-frequency
+    # dip: both take 1-3 % off the contrast of large objects, 10-30 HU on a 1000 HU bone or air border.
+    smooth_origin: bool = False
+    # Random noise for what the target kernel keeps and the source removed (noise_synthesis.py): adds the
+    # per-domain ``log_keep`` curves. Off in the first v2 files.
+    noise_synthesis: bool = False
     kind: str = field(default="kernel_transfer")
 
     def __post_init__(self) -> None:
@@ -73,6 +82,9 @@ class KernelTransferConfig:
             raise ValueError(f"max_gain must be above 1, got {self.max_gain!r}")
         if not (isinstance(self.knot_step_per_mm, (int, float)) and self.knot_step_per_mm > 0):
             raise ValueError(f"knot_step_per_mm must be positive, got {self.knot_step_per_mm!r}")
+        for name in ("smooth_origin", "noise_synthesis"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def knots(self) -> torch.Tensor:
@@ -102,14 +114,21 @@ def radial_frequency_t(
     return torch.sqrt(fx * fx + fy * fy)
 
 
-def _interp_knots(values: torch.Tensor, freq: torch.Tensor, step: float) -> torch.Tensor:
+def _interp_knots(values: torch.Tensor, freq: torch.Tensor, step: float,
+                  smooth_origin: bool = False) -> torch.Tensor:
     """Piecewise-linear interpolation of per-item knot ``values`` (B, K) at ``freq`` (H, W): (B, H, W);
-    the last value beyond the last knot."""
+    the last value beyond the last knot. ``smooth_origin`` (K >= 3): below the second knot, the parabola
+    in ``freq`` through the values at 0 and at the second knot instead (the first knot's value unused)."""
     k = values.shape[1]
     pos = torch.clamp(freq / step, 0.0, k - 1.0)
     left = torch.clamp(pos.floor().long(), 0, k - 2)
     w = (pos - left).to(values.dtype)
-    return values[:, left] * (1 - w) + values[:, left + 1] * w
+    out = values[:, left] * (1 - w) + values[:, left + 1] * w
+    if smooth_origin and k >= 3:
+        shape = (-1,) + (1,) * freq.ndim
+        v0, v2 = values[:, 0].reshape(shape), values[:, 2].reshape(shape)
+        out = torch.where(pos < 2.0, v0 + (v2 - v0) * (pos / 2.0).to(values.dtype) ** 2, out)
+    return out
 
 
 def _domain_weights(ref: DomainRef, num_domains: int, device: torch.device) -> torch.Tensor:
@@ -144,10 +163,20 @@ class KernelTransferGenerator(nn.Module):
         self.out = nn.Conv2d(c.width, 1, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if c.noise_synthesis:  # log of the noise power an iterative reconstruction keeps (0: plain FBP)
+            self.log_keep = nn.Parameter(torch.zeros(c.num_domains, c.num_knots - 1))
 
     def log_mtf_knots(self) -> torch.Tensor:
         """(D, K) log MTF of every domain at the knots (0 at f = 0)."""
         return torch.cat([self.log_mtf.new_zeros(self.log_mtf.shape[0], 1), self.log_mtf], 1)
+
+    def log_keep_knots(self) -> torch.Tensor:
+        """(D, K) log share of FBP noise power each domain keeps (0 at f = 0; noise synthesis only)."""
+        return torch.cat([self.log_keep.new_zeros(self.log_keep.shape[0], 1), self.log_keep], 1)
+
+    def interp(self, knot_values: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) values of per-item knot curves (B, K) at ``freq`` cycles/mm."""
+        return _interp_knots(knot_values, freq, self.config.knot_step_per_mm, self.config.smooth_origin)
 
     def log_gain(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """(B, K) log gain of the linear transfer at the knots for (B, D) source/target weights."""
@@ -168,7 +197,7 @@ class KernelTransferGenerator(nn.Module):
             pc = min(int(math.ceil(PAD_MM / sx)), cols - 1)
             padded = F.pad(x[i:i + 1], (pc, pc, pr, pr), mode="reflect")
             freq = radial_frequency_t(rows + 2 * pr, cols + 2 * pc, (sx, sy), x.device)
-            gain = torch.exp(_interp_knots(lg[i:i + 1], freq, self.config.knot_step_per_mm))
+            gain = torch.exp(self.interp(lg[i:i + 1], freq))
             spec = torch.fft.rfft2(padded.float()) * gain[:, None]
             filt = torch.fft.irfft2(spec, s=padded.shape[-2:])
             out[i:i + 1] = filt[..., pr:pr + rows, pc:pc + cols].to(x.dtype)
@@ -184,9 +213,29 @@ class KernelTransferGenerator(nn.Module):
             h = F.leaky_relu(h * (1 + film[:, k, 0]) + film[:, k, 1], 0.2)
         return HU_SCALE * self.out(h)
 
+    def noise_curves(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(log NPS/f of the source at unit dose, log MTF^2 of the target, log keep of the source, log keep
+        of the target) at the knots, each (B, K): the curves ``noise_synthesis`` needs."""
+        lm, lk = self.log_mtf_knots(), self.log_keep_knots()
+        return src @ (2 * lm + lk), tgt @ (2 * lm), src @ lk, tgt @ lk
+
+    def noise(self, x: torch.Tensor, spacing_xy: Sequence[Sequence[float]], src: torch.Tensor,
+              tgt: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """Synthesized noise (B, 1, H, W) for clipped HU ``x``: one reproducible draw per seed."""
+        curves = self.noise_curves(src, tgt)
+        out = torch.zeros_like(x)
+        for i in range(x.shape[0]):
+            sx, sy = float(spacing_xy[i][0]), float(spacing_xy[i][1])
+            freq = radial_frequency_t(x.shape[-2], x.shape[-1], (sx, sy), x.device)
+            grid = [self.interp(c[i:i + 1], freq)[0] for c in curves]
+            out[i, 0] = synthesize_noise(x[i, 0], (sx, sy), freq, grid, int(seeds[i])).to(x.dtype)
+        return out
+
     def forward(self, x_hu: torch.Tensor, spacing_xy: Sequence[Sequence[float]], source: DomainRef,
-                target: DomainRef) -> torch.Tensor:
-        """Harmonize (B, 1, H, W) HU slices: ``source``/``target`` as indices (B,) or probabilities (B, D)."""
+                target: DomainRef, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Harmonize (B, 1, H, W) HU slices: ``source``/``target`` as indices (B,) or probabilities (B, D).
+        ``seeds`` (one per slice): add synthesized noise (models with ``noise_synthesis``); None: the
+        deterministic mean image."""
         if x_hu.ndim != 4 or x_hu.shape[1] != 1:
             raise ValueError(f"expected (batch, 1, rows, cols) HU, got shape {tuple(x_hu.shape)}")
         if len(spacing_xy) != x_hu.shape[0]:
@@ -196,7 +245,12 @@ class KernelTransferGenerator(nn.Module):
         tgt = _domain_weights(target, self.config.num_domains, x_hu.device)
         x = torch.clamp(x_hu, HU_MIN, HU_MAX)
         x_lin = self.linear(x, spacing_xy, src, tgt)
-        return x_lin + self.residual(x, x_lin, src, tgt)
+        y = x_lin + self.residual(x, x_lin, src, tgt)
+        if seeds is not None and self.config.noise_synthesis:
+            if len(seeds) != x.shape[0]:
+                raise ValueError(f"need one noise seed per slice: {len(seeds)} for {x.shape[0]} slices")
+            y = y + self.noise(x, spacing_xy, src, tgt, seeds)
+        return y
 
 
 @torch.no_grad()
@@ -210,7 +264,8 @@ def linear_transfer_filter(generator: KernelTransferGenerator, source: int, targ
     d, device = generator.config.num_domains, generator.log_mtf.device
     src = _domain_weights([int(source)], d, device)
     tgt = _domain_weights([int(target)], d, device)
-    log_gain = generator.log_gain(src, tgt)[0]
+    knots = generator.config.knots.to(device=device, dtype=torch.float32)
+    log_gain = generator.interp(generator.log_gain(src, tgt), knots)[0]
     gain = np.exp(log_gain.detach().double().cpu().numpy())
     return TransferFilter(generator.config.knots.numpy(), gain, description)
 

@@ -101,6 +101,30 @@ def _curve_png(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def _init_generator(run_: Any, state: dict[str, Any]) -> None:
+    """Start from another run's generator; a run without noise synthesis lacks only ``log_keep``."""
+    missing, unexpected = run_.gen.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"log_keep"}:
+        raise KTConfigError(f"--init-from: the generator does not match the config (missing {missing}, "
+                            f"unexpected {unexpected})")
+
+
+def _fit_noise(run_: Any, groups: Any, out: Path, progress: Any) -> dict[str, Any]:
+    """Fit the noise-synthesis curves on the trained generator (deterministic: same result on a rerun)."""
+    from .trainer.kernel_transfer_noise import fit_noise
+    from .trainer.kernel_transfer_train import save_checkpoint
+
+    cfg = run_.cfg
+    with torch.no_grad():
+        run_.gen.log_keep.zero_()
+    stats = fit_noise(run_.gen, groups, {d: i for i, d in enumerate(cfg.domains)}, crop=cfg.data.crop,
+                      margin=cfg.data.margin, real_fraction=cfg.data.real_fraction, steps=cfg.noise.steps,
+                      batch=cfg.noise.batch, lr=cfg.noise.lr, smooth=cfg.noise.smooth, seed=cfg.train.seed,
+                      progress=progress)
+    save_checkpoint(run_, out)
+    return stats
+
+
 def run(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     overrides = {}
     for item in args.overrides:
@@ -120,7 +144,7 @@ def run(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     else:
         if args.init_from is not None:
             state = torch.load(args.init_from, map_location="cpu", weights_only=True)
-            run_.gen.load_state_dict(state["generator"])
+            _init_generator(run_, state["generator"])
         run_.estimator_stats = fit_estimator(run_.est, groups, cfg, extra, progress=progress)
         write_json_atomic(args.out / "config.json", cfg.to_dict(), indent=2)
     stop = {"flag": False}
@@ -138,10 +162,14 @@ def run(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
+    noise_stats = None
+    finished = run_.iteration >= cfg.train.iters and not stop["flag"]
+    if cfg.model.noise_synthesis and cfg.noise.steps > 0 and finished:  # after training, not per stop
+        noise_stats = _fit_noise(run_, groups, args.out, progress)
     _curve_png(run_.history, args.out / "training_curve.png")
     summary = {"iteration": run_.iteration, "estimator": run_.estimator_stats,
                "groups": {"simulated": sum(g.origin != "real" for g in groups),
-                          "real": sum(g.origin == "real" for g in groups)},
+                          "real": sum(g.origin == "real" for g in groups)}, "noise_fit": noise_stats,
                "last_100_rmse_hu": float(np.mean([r["paired_rmse_hu"] for r in run_.history[-100:]]))
                if run_.history else None}
     if args.export is not None:  # the state reached (the card records its iteration count)

@@ -507,6 +507,7 @@ def finishHarmonization(job: HarmonizationJob, scene: Any, outputNode: Any = Non
         "InputVolume": job.inputName,
         "Device": str(job.runInfo.get("device", job.device)),
         "Notes": "; ".join(job.runInfo.get("notes", [])),  # e.g. a pixel size the model was not trained for
+        "Noise": str(job.runInfo.get("noise", "")),  # kernel transfer: synthesized (with its seed), off, ...
     }
     for key, value in attributes.items():
         outputNode.SetAttribute(ATTRIBUTE_PREFIX + key, value)

@@ -37,21 +37,22 @@ V1 = REPO / "Training" / "baseline_models" / "stargan_v1" / "stargan_v1.safetens
 LONG = REPO.parent / "shared" / "data" / "real_ct" / "philips_brilliance16_chest_l_b_pair" / "L_sharp"
 
 
-def engine_rate(model: Path, n: int, target: str, source: str | None) -> float:
+def engine_rate(model: Path, n: int, target: str, source: str | None, **kwargs: object) -> float:
     h = Harmonizer.from_checkpoint(model, device="cpu")
     vol = synthetic_volume(n)
-    h.harmonize(vol[:1], (0.7, 0.7, 1.25), target=target, source=source)  # warm-up
+    h.harmonize(vol[:1], (0.7, 0.7, 1.25), target=target, source=source, **kwargs)  # warm-up
     t0 = time.perf_counter()
-    h.harmonize(vol, (0.7, 0.7, 1.25), target=target, source=source)
+    h.harmonize(vol, (0.7, 0.7, 1.25), target=target, source=source, **kwargs)
     return n / (time.perf_counter() - t0)
 
 
-def cli_rate(model: Path, target: str, folder: Path = SAMPLE) -> tuple[float, int]:
+def cli_rate(model: Path, target: str, folder: Path = SAMPLE,
+             extra: tuple[str, ...] = ()) -> tuple[float, int]:
     slices = len(list(folder.glob("*.dcm")))
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "TextureStarGANCore.cli", "harmonize", str(folder), "--target", target,
                "--model", str(model), "--output", f"{tmp}/out", "--compare-png", f"{tmp}/compare.png",
-               "--device", "cpu"]
+               "--device", "cpu", *extra]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
         return slices / (time.perf_counter() - t0), slices
@@ -89,6 +90,18 @@ def main() -> int:
     if len(rows) == 2:
         lines += ["", f"Ratio v2 / v1: engine {rows[0][2] / rows[1][2]:.2f}x, end to end "
                   f"{rows[0][3] / rows[1][3]:.2f}x (same run, same machine)."]
+    if Harmonizer.from_checkpoint(DEFAULT_MODEL_PATH, device="cpu").synthesizes_noise:
+        # The rows above convert towards a smoother kernel: no noise drawn. Iterative UB -> sharp YA draws it.
+        kw = {"target": "PHILIPS_YA", "source": "PHILIPS_UB_IDOSE"}
+        with_noise = engine_rate(DEFAULT_MODEL_PATH, args.slices, **kw)
+        without = engine_rate(DEFAULT_MODEL_PATH, args.slices, **kw, noise=False)
+        long = cli_rate(DEFAULT_MODEL_PATH, "YA", LONG, ("--source", "PHILIPS_UB_IDOSE")) if LONG.is_dir() \
+            else (float("nan"), 0)
+        lines += ["", f"Noise synthesis (v2, UB iDose -> YA, a direction that draws noise): engine "
+                  f"{with_noise:.2f} slices/s with noise, {without:.2f} without (`noise=False`), ratio "
+                  f"{with_noise / without:.2f}x; `ctharmonize harmonize --source PHILIPS_UB_IDOSE --target "
+                  "YA` "
+                  f"end to end on the 64-slice series {long[0]:.2f} slices/s."]
     text = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)

@@ -36,7 +36,7 @@ def _rows(n: int, per_variant: int) -> list[int]:
 
 
 def check(tree: Path, model: Path, out: Path, *, domains: Sequence[str] | None = None,
-          per_variant: int = 2, progress: Progress | None = None) -> dict[str, Any]:
+          per_variant: int = 2, noise: bool = True, progress: Progress | None = None) -> dict[str, Any]:
     from TextureStarGANCore.inference import Harmonizer
 
     h = Harmonizer.from_checkpoint(model, device="cpu")
@@ -55,7 +55,8 @@ def check(tree: Path, model: Path, out: Path, *, domains: Sequence[str] | None =
             x = g.series[s][idx].astype(np.float32)
             src.append(x)
             tgt.append(g.series[t][idx].astype(np.float32))
-            outs.append(h.harmonize(x, (*g.spacing_xy, 1.0), target=t, source=s).astype(np.float32))
+            outs.append(h.harmonize(x, (*g.spacing_xy, 1.0), target=t, source=s,
+                                    **({} if noise else {"noise": False})).astype(np.float32))
         # Variants differ in pixel size: score each and average, weighting by slices.
         scores, hp_target = [], []
         for g, a, b, o in zip(groups, src, tgt, outs, strict=True):
@@ -73,6 +74,7 @@ def check(tree: Path, model: Path, out: Path, *, domains: Sequence[str] | None =
         if progress:
             progress("directions", i + 1, len(pairs))
     result = _summary(rows, tree, model, per_variant, time.perf_counter() - t0)
+    result["noise"] = h.last_run.get("noise")
     write_json_atomic(out / "simulated_check.json", result, indent=1)
     keys = list(rows[0])
     write_csv_atomic(out / "table.csv", keys, [[r[k] for k in keys] for r in rows])
@@ -95,6 +97,7 @@ def _summary(rows: list[dict[str, Any]], tree: Path, model: Path, per_variant: i
         "median_psnr_db": {"input": float(np.median([r["input_psnr_db"] for r in rows])),
                            "model": float(np.median([r["model_psnr_db"] for r in rows]))},
         "not_improved": [f"{r['source']}->{r['target']}" for r in nps_pairs if r not in improved],
+        "psnr_not_improved": [f"{r['source']}->{r['target']}" for r in rows if r not in psnr_up],
         "seconds": round(seconds, 1), "rows": rows,
     }
 
@@ -138,11 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--domains", default=None, help="comma-separated subset of the model's domains")
     ap.add_argument("--slices-per-variant", type=int, default=2)
+    ap.add_argument("--no-noise", action="store_true", help="models with noise synthesis: the mean image")
     args = ap.parse_args(argv)
     doms = args.domains.split(",") if args.domains else None
     code, res = run_command(
         lambda bars: check(args.tree, args.model, args.out, domains=doms, per_variant=args.slices_per_variant,
-                           progress=bars), desc="check", unit="direction", errors=(ValueError, OSError))
+                           noise=not args.no_noise, progress=bars),
+        desc="check", unit="direction", errors=(ValueError, OSError))
     if res is not None:
         print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
     return code

@@ -135,6 +135,25 @@ def _model_label(harmonizer: Any, taken: Sequence[str]) -> str:
     return label if label not in taken else f"{label} ({len(taken)})"
 
 
+def _run_model(pair: SeriesPair, run: tuple[str, Any, Any, bool], inputs: dict[str, np.ndarray],
+               outputs: dict[str, dict[str, np.ndarray]], params: dict[str, dict[str, Any]],
+               progress: Progress | None) -> None:
+    """Both directions of one model run (label, harmonizer, (smooth, sharp) target domains, noise)."""
+    label, h, (dom_smooth, dom_sharp), noise = run
+    for d, dom in (("sharp->smooth", dom_smooth), ("smooth->sharp", dom_sharp)):
+        source = h.detect_source(pair.sharp if d == "sharp->smooth" else pair.smooth)
+        bar = f"{pair.name}: {label}, {d}"
+        outputs[d][label] = h.harmonize(
+            inputs[d], pair.sharp.spacing, target=dom[0].name, source=source.name if source else None,
+            progress=(lambda n, t, bar=bar: progress(bar, n, t)) if progress else None,
+            **({} if noise else {"noise": False}),
+        ).astype(np.float32)
+        params[d][label] = {"kind": "model", "params": {
+            "file": str(h.path), "target_domain": dom[0].name, "target_from": dom[1],
+            "source_domain": source.name if source else None,
+            "noise": getattr(h, "last_run", {}).get("noise")}}
+
+
 def validate_pair(
     pair: SeriesPair,
     harmonizers: Sequence[Any],
@@ -167,7 +186,11 @@ def validate_pair(
             _target_domain(h, pair.smooth, target_smooth, "--target-smooth"),
             _target_domain(h, pair.sharp, target_sharp, "--target-sharp"),
         )
-    total = 4 + 2 * len(harmonizers) + (2 if clinical else 0)
+    runs = [(label, h, doms, True) for label, (h, *doms) in targets.items()]
+    # A model that synthesizes noise is also scored without it (``--no-noise``): the mean image.
+    runs += [(f"{label} --no-noise", h, doms, False) for label, (h, *doms) in targets.items()
+             if getattr(h, "synthesizes_noise", False)]
+    total = 4 + 2 * len(runs) + (2 if clinical else 0)
     step(0, total)
     fi, ei = list(fit), list(ev)
     fit_body_smooth = np.stack([body_mask(s) for s in smooth[fi]])
@@ -192,23 +215,12 @@ def validate_pair(
                                  "fit_rmse_hu": b.fit_rmse_hu, "params": b.params}
     step(2, total)
     model_seconds: dict[str, float] = {}
-    done = 2
-    spacing = pair.sharp.spacing
-    for label, (h, dom_smooth, dom_sharp) in targets.items():
+    for k, run in enumerate(runs):
         tm = time.perf_counter()
-        for d, dom in (("sharp->smooth", dom_smooth), ("smooth->sharp", dom_sharp)):
-            source = h.detect_source(pair.sharp if d == "sharp->smooth" else pair.smooth)
-            bar = f"{pair.name}: {label}, {d}"
-            outputs[d][label] = h.harmonize(
-                inputs[d], spacing, target=dom[0].name, source=source.name if source else None,
-                progress=(lambda n, t, bar=bar: progress(bar, n, t)) if progress else None,
-            ).astype(np.float32)
-            params[d][label] = {"kind": "model", "params": {
-                "file": str(h.path), "target_domain": dom[0].name, "target_from": dom[1],
-                "source_domain": source.name if source else None}}
-            done += 1
-            step(done, total)
-        model_seconds[label] = time.perf_counter() - tm
+        _run_model(pair, run, inputs, outputs, params, progress)
+        model_seconds[run[0]] = time.perf_counter() - tm
+        step(4 + 2 * k, total)
+    done = 2 + 2 * len(runs)
     tm = time.perf_counter()
     directions: dict[str, Any] = {}
     for d in DIRECTIONS:

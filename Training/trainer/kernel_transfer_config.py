@@ -21,6 +21,8 @@ class ModelSection:
     depth: int = 6
     embed_dim: int = 16
     max_gain: float = 4.0
+    smooth_origin: bool = True  # see KernelTransferConfig.smooth_origin
+    noise_synthesis: bool = True  # see KernelTransferConfig.noise_synthesis; fitted after training
 
 
 @dataclass
@@ -63,6 +65,16 @@ class EstimatorSection:
 
 
 @dataclass
+class NoiseSection:
+    """Fit of the noise-synthesis curves after training (kernel_transfer_noise.py)."""
+
+    steps: int = 300
+    batch: int = 12
+    lr: float = 0.05
+    smooth: float = 0.1
+
+
+@dataclass
 class KTConfig:
     domains: list[str]
     model: ModelSection = field(default_factory=ModelSection)
@@ -70,6 +82,7 @@ class KTConfig:
     train: TrainSection = field(default_factory=TrainSection)
     loss: LossSection = field(default_factory=LossSection)
     estimator: EstimatorSection = field(default_factory=EstimatorSection)
+    noise: NoiseSection = field(default_factory=NoiseSection)
     checkpoint_every: int = 100
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,7 +90,7 @@ class KTConfig:
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "loss": LossSection,
-             "estimator": EstimatorSection}
+             "estimator": EstimatorSection, "noise": NoiseSection}
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
@@ -92,6 +105,8 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     obj = cls(**raw)
     for key, default in asdict(cls()).items():
         value = getattr(obj, key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise KTConfigError(f"{name}.{key}: must be true or false, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise KTConfigError(f"{name}.{key}: must be a non-negative number, got {value!r}")

@@ -57,13 +57,18 @@ def real_pair_metrics(results_json: Path) -> dict[str, Any]:
     import json
 
     res = json.loads(Path(results_json).read_text())
+    main = (res.get("models") or [None])[0]  # the validated model; a --compare model's rows are left out
     rows = []
     for p in res["pairs"]:
         for dd in p["directions"].values():
             for name, m in [*dd["methods"].items(), ("real target", dd["target"])]:
+                method = name
+                if m.get("kind") == "model":
+                    if main is not None and m.get("params", {}).get("file") != main:
+                        continue
+                    method = "this model --no-noise" if name.endswith("--no-noise") else "this model"
                 direction = f"{dd['source_kernel']} -> {dd['target_kernel']}"
-                rows.append({"pair": p["pair"], "direction": direction,
-                             "method": "this model" if m.get("kind") == "model" else name,
+                rows.append({"pair": p["pair"], "direction": direction, "method": method,
                              **{k: m.get(k) for k in ROW_KEYS}})
     first = res["pairs"][0]
     return {"source": "python -m Training.validate_real (evaluation halves; baselines fitted on the "

@@ -44,7 +44,8 @@ Progress = Callable[[str, int, int], None]
 def model_config(cfg: KTConfig) -> KernelTransferConfig:
     m = cfg.model
     return KernelTransferConfig(num_domains=len(cfg.domains), width=m.width, depth=m.depth,
-                                embed_dim=m.embed_dim, max_gain=float(m.max_gain))
+                                embed_dim=m.embed_dim, max_gain=float(m.max_gain),
+                                smooth_origin=m.smooth_origin, noise_synthesis=m.noise_synthesis)
 
 
 def init_log_mtf(gen: KernelTransferGenerator, domains: list[str]) -> None:
@@ -140,7 +141,9 @@ class KTRun:
         gen, est = build_networks(cfg)
         opt = torch.optim.Adam([
             {"params": [gen.log_mtf], "lr": cfg.train.mtf_lr},
-            {"params": [p for n, p in gen.named_parameters() if n != "log_mtf"], "lr": cfg.train.lr},
+            # log_keep (noise synthesis) is fitted after training, by kernel_transfer_noise.fit_noise
+            {"params": [p for n, p in gen.named_parameters() if n not in ("log_mtf", "log_keep")],
+             "lr": cfg.train.lr},
         ])
         texture = tex_opt = None
         if cfg.loss.texture > 0:
