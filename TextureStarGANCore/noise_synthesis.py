@@ -2,9 +2,9 @@
 
 The deterministic transfer (linear part + residual, trained with a squared loss) predicts the mean target
 image. Where the target kernel keeps noise that the source reconstruction removed (an iterative
-reconstruction such as iDose or SAFIRE, or frequencies beyond the bounded inverse gain), that noise is not a
-function of the input, so the mean has too little of it: smooth -> sharp looks too clean. This module adds
-it as random noise with the spectrum it lacks and the local level of the input's own noise.
+reconstruction such as iDose or SAFIRE), that noise is not a function of the input, so the mean has too
+little of it: iterative -> sharp looks too clean. This module adds it as random noise with the spectrum it
+lacks and the local level of the input's own noise.
 
 Noise model (filtered back projection): domain ``d`` at dose level ``q`` has the noise power spectrum::
 
@@ -18,9 +18,10 @@ an iterative source removed and the target keeps. The synthesized noise supplies
 
     F(f) = q * f * MTF_t(f)^2 * max(0, keep_t(f) - (1 + KEEP_MARGIN) keep_s(f))
 
-``q`` is estimated per region from the input: the robust (block-median) variance of its high-pass image
-divided by the high-pass variance that unit-dose noise of the source kernel has. The fit uses a smooth
-``max(0, .)`` (softplus of sharpness ``SOFT_BETA``) so that curves starting equal get a gradient.
+``q`` is estimated per region from the input: the robust block variance of its high-pass image
+(``local_noise_variance``) divided by the high-pass variance that unit-dose noise of the source kernel
+has. The fit uses a smooth ``max(0, .)`` (softplus of sharpness ``SOFT_BETA``) so that curves starting
+equal get a gradient.
 
 Runs on Python 3.9 (bundled into the Slicer extension).
 """
