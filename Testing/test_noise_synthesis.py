@@ -81,11 +81,21 @@ def test_missing_spectrum_is_what_the_target_keeps_beyond_the_source():
     assert float(missing_noise_spectrum(freq, zero, zero, quarter).max()) == 0.0  # a noisier source: none
 
 
-def _noise_generator(keep_source: float = 0.2, residual: bool = False) -> KernelTransferGenerator:
+def _iterative_first_domain(keep: float = 0.2) -> torch.Tensor:
+    """log_keep curves: domain 0 (B30f) keeps ``keep`` of FBP noise (an iterative kernel), the others 1."""
     log_keep = torch.zeros(3, KT_NOISE.num_knots - 1)
-    log_keep[0] = math.log(keep_source)  # domain 0 keeps keep_source of FBP noise: an iterative kernel
+    log_keep[0] = math.log(keep)
+    return log_keep
+
+
+def _noise_model_file(path):
+    return make_kernel_transfer_file(path, config=KT_NOISE, iterations=10, log_keep=_iterative_first_domain())
+
+
+def _noise_generator(keep_source: float = 0.2, residual: bool = False) -> KernelTransferGenerator:
     zero_mtf = torch.zeros(3, KT_NOISE.num_knots - 1)  # equal MTFs: the deterministic part is identity
-    return kernel_transfer_networks(KT_NOISE, log_mtf=zero_mtf, log_keep=log_keep, residual=residual)[0]
+    return kernel_transfer_networks(KT_NOISE, log_mtf=zero_mtf, log_keep=_iterative_first_domain(keep_source),
+                                    residual=residual)[0]
 
 
 def test_synthesized_noise_is_reproducible_and_follows_the_inputs_noise():
@@ -135,10 +145,7 @@ def test_smooth_origin_keeps_the_contrast_of_a_large_object():
 
 
 def test_harmonizer_noise_switch_seed_and_batch_size(tmp_path):
-    log_keep = torch.zeros(3, KT_NOISE.num_knots - 1)
-    log_keep[0] = math.log(0.2)
-    path = make_kernel_transfer_file(tmp_path / "noise.safetensors", config=KT_NOISE, iterations=10,
-                                     log_keep=log_keep)
+    path = _noise_model_file(tmp_path / "noise.safetensors")
     vol = np.stack([_phantom(64, 64, seed=s) for s in range(3)])
     h = Harmonizer.from_checkpoint(path, device="cpu", batch_size=2)
     one = h.harmonize(vol, (0.5, 0.5, 2.0), target="BONE", source="B30f")
@@ -195,10 +202,7 @@ def test_cli_no_noise_writes_the_mean_image(tmp_path):
 
     from TextureStarGANCore import cli
 
-    log_keep = torch.zeros(3, KT_NOISE.num_knots - 1)
-    log_keep[0] = math.log(0.2)
-    model = make_kernel_transfer_file(tmp_path / "noise.safetensors", config=KT_NOISE, iterations=10,
-                                      log_keep=log_keep)
+    model = _noise_model_file(tmp_path / "noise.safetensors")
     vol = np.stack([_phantom(64, 64, seed=s) for s in range(2)]).round().astype(np.int16)
     img = sitk.GetImageFromArray(vol)
     img.SetSpacing((0.5, 0.5, 2.0))

@@ -20,8 +20,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from TextureStarGANCore.kernel_transfer import KernelTransferGenerator, _domain_weights, radial_frequency_t
+from TextureStarGANCore.kernel_transfer import (
+    HU_MAX,
+    HU_MIN,
+    KernelTransferGenerator,
+    _domain_weights,
+    radial_frequency_t,
+)
 from TextureStarGANCore.noise_synthesis import (
+    highpass_response,
     local_noise_variance,
     missing_noise_spectrum,
     unit_highpass_variance,
@@ -35,14 +42,11 @@ UNIFORM_MARGIN_MM = 4.0  # ... within this distance
 _EPS_HU2 = 0.25  # variance floor (HU^2): bands a smooth kernel has cut do not dominate
 
 
-def _gauss(freq: torch.Tensor, sigma_mm: float) -> torch.Tensor:
-    return torch.exp(-2.0 * math.pi ** 2 * sigma_mm ** 2 * freq * freq)
-
-
 def band_responses(freq: torch.Tensor) -> list[torch.Tensor]:
-    """Difference-of-Gaussians bands that together pass everything above the coarsest blur."""
+    """Difference-of-Gaussians bands that together pass everything above the coarsest blur: band k is the
+    high-pass of sigma[k + 1] minus that of sigma[k]."""
     s = BAND_SIGMAS_MM
-    return [_gauss(freq, s[k]) - _gauss(freq, s[k + 1]) for k in range(len(s) - 1)]
+    return [highpass_response(freq, s[k + 1]) - highpass_response(freq, s[k]) for k in range(len(s) - 1)]
 
 
 def uniform_mask(target_hu: np.ndarray, spacing_xy: Sequence[float]) -> np.ndarray:
@@ -57,7 +61,7 @@ def noise_fit_loss(gen: KernelTransferGenerator, batch: dict[str, Any], margin: 
                    min_pixels: int = 200) -> torch.Tensor:
     """Mean squared log ratio of band variances in uniform pixels (output + expected synthesized noise vs
     target) over the non-identity crops with at least ``min_pixels`` uniform pixels."""
-    x = torch.clamp(torch.from_numpy(batch["source_hu"]), -1024.0, 3071.0)
+    x = torch.clamp(torch.from_numpy(batch["source_hu"]), HU_MIN, HU_MAX)  # as the generator clips
     y = torch.from_numpy(batch["target_hu"])
     d = gen.config.num_domains
     src = _domain_weights(torch.from_numpy(batch["source"]), d, x.device)
