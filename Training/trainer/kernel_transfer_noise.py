@@ -100,11 +100,11 @@ def noise_fit_loss(gen: KernelTransferGenerator, batch: dict[str, Any], margin: 
 
 def fit_noise(gen: KernelTransferGenerator, groups: Sequence[PairedGroup], domain_index: dict[str, int], *,
               crop: int, margin: int, real_fraction: float, steps: int, batch: int = 12, lr: float = 0.05,
-              smooth: float = 0.1, decay: float = 0.01, seed: int = 0,
+              smooth: float = 0.1, decay: float = 0.01, seed: int = 0, rows: Sequence[int] | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> dict[str, float]:
     """Fit ``gen.log_keep`` in place (``steps`` Adam steps on ``noise_fit_loss`` plus a second-difference
     smoothness penalty along the knots and a small pull towards 0); returns the mean loss of the first and
-    last tenth of the steps."""
+    last tenth of the steps. ``rows``: only these domains' curves change (calibration); default all."""
     if not gen.config.noise_synthesis:
         raise ValueError("the generator has no noise synthesis (config.noise_synthesis is false)")
     sampler = PairSampler(groups, domain_index, crop, real_fraction, 0.0, seed + 7919)
@@ -112,6 +112,10 @@ def fit_noise(gen: KernelTransferGenerator, groups: Sequence[PairedGroup], domai
         p.requires_grad_(False)
     gen.log_keep.requires_grad_(True)
     opt = torch.optim.Adam([gen.log_keep], lr=lr)
+    row_mask = None
+    if rows is not None:
+        row_mask = torch.zeros(gen.log_keep.shape[0], 1)
+        row_mask[list(rows)] = 1.0
     losses: list[float] = []
     try:
         for step in range(steps):
@@ -121,6 +125,8 @@ def fit_noise(gen: KernelTransferGenerator, groups: Sequence[PairedGroup], domai
             reg = reg + decay * curve.pow(2).mean()  # towards FBP (keep 1) where the data say nothing
             opt.zero_grad()
             (loss + reg).backward()
+            if row_mask is not None:
+                gen.log_keep.grad.mul_(row_mask)  # Adam leaves a parameter with zero gradient where it is
             opt.step()
             losses.append(float(loss.detach()))
             if progress is not None:

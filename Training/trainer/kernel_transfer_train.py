@@ -36,7 +36,8 @@ from TextureStarGANCore.texture import TextureLoss
 from .kernel_transfer_config import KTConfig
 from .paired_data import PairedGroup, PairSampler
 
-__all__ = ["KTRun", "build_networks", "init_log_mtf", "fit_estimator", "train", "latest_checkpoint"]
+__all__ = ["KTRun", "build_networks", "init_log_mtf", "fit_estimator", "paired_error", "train",
+           "latest_checkpoint"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -198,16 +199,23 @@ def _lr_factor(it: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, it / max(1, total))))
 
 
-def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
-    cfg = run.cfg
+def paired_error(gen: KernelTransferGenerator, batch: dict[str, Any],
+                 margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The deterministic output's squared error to the target in units of HU_SCALE (B, 1, h, w), and the
+    clipped output and target, on the crop interior (``margin`` pixels off each side)."""
     x = torch.from_numpy(batch["source_hu"])
     y = torch.from_numpy(batch["target_hu"])
     src, tgt = torch.from_numpy(batch["source"]), torch.from_numpy(batch["target"])
-    out = run.gen(x, batch["spacing_xy"], src, tgt)
-    m = cfg.data.margin
+    out = gen(x, batch["spacing_xy"], src, tgt)
+    m = margin
     oc = torch.clamp(out[..., m:-m, m:-m], HU_MIN, 3000.0)
     yc = torch.clamp(y[..., m:-m, m:-m], HU_MIN, 3000.0)
-    err = ((oc - yc) / HU_SCALE) ** 2
+    return ((oc - yc) / HU_SCALE) ** 2, oc, yc
+
+
+def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
+    cfg = run.cfg
+    err, oc, yc = paired_error(run.gen, batch, cfg.data.margin)
     loss_pair = err.mean()
     loss = cfg.loss.paired * loss_pair
     row = {"paired_rmse_hu": float(loss_pair.detach()) ** 0.5 * HU_SCALE}
