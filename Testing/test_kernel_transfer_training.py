@@ -38,6 +38,7 @@ def _config(tmp: Path, sim: Path | None, **over) -> Path:
         "train": {"iters": 6, "batch": 2, "threads": 1},
         "estimator": {"steps": 20, "slice_stride": 1},
         "noise": {"steps": 3, "batch": 2},
+        "loss": {},
         "checkpoint_every": 3,
     }
     for key, value in over.items():
@@ -130,6 +131,44 @@ def test_training_learns_resumes_exactly_and_exports(sim_tree, tmp_path):
     vol = read_volume(CHEST / "L_sharp")
     out = h.harmonize(vol.hu[40:41], vol.spacing, target="PHILIPS_B", source="PHILIPS_L")
     assert out.shape == (1, 512, 512) and np.isfinite(out).all()
+
+
+def test_a_fine_tune_keeps_the_estimator_and_trains_with_the_noise_excess_term(sim_tree, tmp_path):
+    from Training.train_kernel_transfer import main as train_main
+
+    torch.set_num_threads(1)
+    first = tmp_path / "first"
+    assert train_main(["--config", str(_config(tmp_path, sim_tree)), "--out", str(first)]) == 0
+    start = sorted(first.glob("checkpoint_*.pt"))[-1]
+    cfg = _config(tmp_path, sim_tree, **{"loss.noise_excess": 0.01, "train.iters": 3})
+    tuned = tmp_path / "tuned"
+    assert train_main(["--config", str(cfg), "--out", str(tuned), "--init-from", str(start),
+                       "--keep-estimator"]) == 0
+    before = torch.load(start, weights_only=True)
+    after = torch.load(sorted(tuned.glob("checkpoint_*.pt"))[-1], weights_only=True)
+    for key, value in before["estimator"].items():
+        assert torch.equal(value, after["estimator"][key]), key  # kept, not refitted
+    assert after["estimator_stats"]["kept_from"] == str(start)
+    assert all("noise_excess" in row for row in after["history"])
+    assert train_main(["--config", str(cfg), "--out", str(tmp_path / "x"), "--keep-estimator"]) == 2
+
+
+def test_the_noise_excess_term_penalises_only_more_noise_than_the_target():
+    from Training.trainer.kernel_transfer_noise import noise_excess_loss
+
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.normal(40.0, 15.0, (1, 1, 96, 96)).astype(np.float32))
+    batch = {"source": np.array([0]), "target": np.array([1]), "spacing_xy": [(0.7, 0.7)]}
+    extra = torch.from_numpy(rng.normal(0.0, 15.0, (1, 1, 96, 96)).astype(np.float32))
+    noisier = (target + extra).requires_grad_(True)
+    assert float(noise_excess_loss(target, target, batch)) == 0.0
+    assert float(noise_excess_loss(40.0 + 0.5 * (target - 40.0), target, batch)) == 0.0  # less noise: free
+    loss = noise_excess_loss(noisier, target, batch)
+    assert float(loss) > 0.05  # twice the variance: log 2 above the target, beyond the 10 % tolerance
+    loss.backward()
+    assert noisier.grad is not None and float(noisier.grad.abs().sum()) > 0
+    same = {**batch, "target": np.array([0])}
+    assert float(noise_excess_loss(noisier, target, same)) == 0.0  # identity crops are not judged
 
 
 def test_a_learning_step_lowers_the_paired_error(tmp_path):

@@ -48,6 +48,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="fine-tune: start from this checkpoint's generator (new optimizer, iteration 0, the "
                          "source estimator refitted on this config's data)")
+    ap.add_argument("--keep-estimator", action="store_true",
+                    help="with --init-from: keep that checkpoint's source estimator instead of refitting it "
+                         "(same domains; saves the 3-7 min fit when the data did not change)")
     return ap.parse_args(argv)
 
 
@@ -142,10 +145,20 @@ def run(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     if previous is not None:
         run_.load(torch.load(previous, map_location="cpu", weights_only=True))
     else:
+        if args.keep_estimator and args.init_from is None:
+            raise KTConfigError("--keep-estimator needs --init-from")
         if args.init_from is not None:
             state = torch.load(args.init_from, map_location="cpu", weights_only=True)
             _init_generator(run_, state["generator"])
-        run_.estimator_stats = fit_estimator(run_.est, groups, cfg, extra, progress=progress)
+        if args.keep_estimator:
+            try:
+                run_.est.load_state_dict(state["estimator"])
+            except RuntimeError as exc:
+                raise KTConfigError(f"--keep-estimator: the estimator does not match the config "
+                                    f"({exc})") from None
+            run_.estimator_stats = {**state.get("estimator_stats", {}), "kept_from": str(args.init_from)}
+        else:
+            run_.estimator_stats = fit_estimator(run_.est, groups, cfg, extra, progress=progress)
         write_json_atomic(args.out / "config.json", cfg.to_dict(), indent=2)
     stop = {"flag": False}
 

@@ -55,6 +55,9 @@ class LossSection:
     texture_warmup: int = 300
     texture_window_hu: list[float] = field(default_factory=lambda: [-160.0, 240.0])
     texture_levels: int = 64
+    # Weight of the one-sided noise term (kernel_transfer_noise.noise_excess_loss): the deterministic output
+    # must not carry more noise than the target in its edge-free pixels (0: off).
+    noise_excess: float = 0.0
 
 
 @dataclass

@@ -219,6 +219,12 @@ def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
     loss_pair = err.mean()
     loss = cfg.loss.paired * loss_pair
     row = {"paired_rmse_hu": float(loss_pair.detach()) ** 0.5 * HU_SCALE}
+    if cfg.loss.noise_excess > 0:
+        from .kernel_transfer_noise import noise_excess_loss
+
+        excess = noise_excess_loss(oc, yc, batch)
+        loss = loss + cfg.loss.noise_excess * excess
+        row["noise_excess"] = float(excess.detach())
     real = torch.from_numpy(batch["real"])
     if bool(real.any()):
         row["real_rmse_hu"] = float(err[real].mean().detach()) ** 0.5 * HU_SCALE
