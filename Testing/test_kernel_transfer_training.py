@@ -158,7 +158,8 @@ def test_the_noise_excess_term_penalises_only_more_noise_than_the_target():
 
     rng = np.random.default_rng(0)
     target = torch.from_numpy(rng.normal(40.0, 15.0, (1, 1, 96, 96)).astype(np.float32))
-    batch = {"source": np.array([0]), "target": np.array([1]), "spacing_xy": [(0.7, 0.7)]}
+    batch = {"source": np.array([0]), "target": np.array([1]), "spacing_xy": [(0.7, 0.7)],
+             "real": np.array([True])}
     extra = torch.from_numpy(rng.normal(0.0, 15.0, (1, 1, 96, 96)).astype(np.float32))
     noisier = (target + extra).requires_grad_(True)
     assert float(noise_excess_loss(target, target, batch)) == 0.0
@@ -169,6 +170,7 @@ def test_the_noise_excess_term_penalises_only_more_noise_than_the_target():
     assert noisier.grad is not None and float(noisier.grad.abs().sum()) > 0
     same = {**batch, "target": np.array([0])}
     assert float(noise_excess_loss(noisier, target, same)) == 0.0  # identity crops are not judged
+    assert float(noise_excess_loss(noisier, target, batch, include_real=False)) == 0.0  # a real crop
 
 
 def test_a_learning_step_lowers_the_paired_error(tmp_path):

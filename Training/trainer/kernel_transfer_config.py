@@ -58,6 +58,7 @@ class LossSection:
     # Weight of the one-sided noise term (kernel_transfer_noise.noise_excess_loss): the deterministic output
     # must not carry more noise than the target in its edge-free pixels (0: off).
     noise_excess: float = 0.0
+    noise_excess_real: bool = True  # the term on real crops too (False: simulated crops only)
 
 
 @dataclass

@@ -106,17 +106,20 @@ EXCESS_FLOOR_HU2 = 4.0
 
 
 def noise_excess_loss(out: torch.Tensor, target: torch.Tensor, batch: dict[str, Any],
-                      min_pixels: int = 200) -> torch.Tensor:
+                      min_pixels: int = 200, include_real: bool = True) -> torch.Tensor:
     """Mean squared excess of the log band variances of ``out`` over ``target`` (B, 1, h, w crop interiors,
     HU) in the target's edge-free pixels, beyond ``EXCESS_TOLERANCE``; non-identity crops only.
 
     A squared loss is minimised by an output with at most the target's noise (noise the input cannot
     predict is averaged away), so more noise than the target in flat regions is always an error: from
     smooth to sharp kernels the residual learned to amplify noise with the edges (simulated B30f -> GE
-    BONE: 70 HU high-pass noise against 48). Less noise than the target is left to the noise synthesis."""
+    BONE: 70 HU high-pass noise against 48). Less noise than the target is left to the noise synthesis.
+    ``include_real`` False: simulated crops only (``batch["real"]``)."""
     terms = []
     for i in range(out.shape[0]):
         if int(batch["source"][i]) == int(batch["target"][i]):
+            continue
+        if not include_real and bool(batch["real"][i]):
             continue
         sp = batch["spacing_xy"][i]
         tgt_np = target[i, 0].detach().numpy()

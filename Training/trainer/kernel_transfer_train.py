@@ -222,7 +222,7 @@ def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
     if cfg.loss.noise_excess > 0:
         from .kernel_transfer_noise import noise_excess_loss
 
-        excess = noise_excess_loss(oc, yc, batch)
+        excess = noise_excess_loss(oc, yc, batch, include_real=cfg.loss.noise_excess_real)
         loss = loss + cfg.loss.noise_excess * excess
         row["noise_excess"] = float(excess.detach())
     real = torch.from_numpy(batch["real"])
