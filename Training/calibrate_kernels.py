@@ -2,13 +2,13 @@
 
     python -m Training.calibrate_kernels --pair SHARP_DIR SMOOTH_DIR [--pair ...] --out NEW.safetensors
         [--model M] [--fit-slices A:B] [--sharp-domain D] [--smooth-domain D] [--like-sharp D]
-        [--like-smooth D] [--iters 200] [--noise-steps 150] [--seed 0] [--overwrite]
+        [--like-smooth D] [--iters 400] [--noise-steps 150] [--seed 0] [--overwrite]
 
 Only the two kernels' curves and embeddings change (``Training/trainer/kernel_calibration.py``); every
 other direction of the model gives the same output as before. A kernel the model does not know becomes a
 new domain named from the DICOM tags. The fit uses --fit-slices (default the first half, so that
 ``python -m Training.validate_real --model NEW.safetensors`` scores slices the calibration never saw).
-About 2 minutes on 2 CPU cores. The input model is never changed.
+About 3 minutes on 2 CPU cores. The input model is never changed.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--like-sharp", default=None, help="a new kernel's curves start from this domain "
                                                       "(default: the source estimator's choice)")
     p.add_argument("--like-smooth", default=None, help="the same for the second series")
-    p.add_argument("--iters", type=int, default=200, help="optimisation steps (default 200)")
+    p.add_argument("--iters", type=int, default=400, help="optimisation steps (default 400)")
     p.add_argument("--noise-steps", type=int, default=150,
                    help="steps of the noise-curve fit (models with noise synthesis; default 150)")
     p.add_argument("--seed", type=int, default=0)

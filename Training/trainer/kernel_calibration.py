@@ -200,7 +200,7 @@ def output_path(out: str | Path, model_path: Path, overwrite: bool) -> Path:
 def calibrate_model(model: str | Path | None, pairs: Sequence[tuple[str, str]], out: str | Path, *,
                     fit_slices: str | None = None, sharp_domain: str | None = None,
                     smooth_domain: str | None = None, like_sharp: str | None = None,
-                    like_smooth: str | None = None, iters: int = 200, noise_steps: int = 150, seed: int = 0,
+                    like_smooth: str | None = None, iters: int = 400, noise_steps: int = 150, seed: int = 0,
                     overwrite: bool = False, stop: Callable[[], bool] = lambda: False,
                     progress: Progress | None = None) -> dict[str, Any]:
     """Calibrate ``model`` (None: the bundled one) on the ``fit_slices`` (default the first half) of each
