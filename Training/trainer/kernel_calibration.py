@@ -14,9 +14,10 @@ choice). The source estimator is not refitted: it never proposes a new domain (i
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from TextureStarGANCore.domains import Domain, UnknownDomainError, detect_domain, resolve_domain
 from TextureStarGANCore.kernel_transfer import HU_SCALE, KernelTransferGenerator, SourceEstimator
-from TextureStarGANCore.model_file import ModelFile
+from TextureStarGANCore.model_file import KIND_KERNEL_TRANSFER, ModelFile
 
 from .kernel_transfer_train import paired_error
 from .paired_data import PairedGroup, PairSampler
@@ -88,8 +89,6 @@ def extend_domains(gen: KernelTransferGenerator, est: SourceEstimator, like_rows
                    ) -> tuple[KernelTransferGenerator, SourceEstimator]:
     """Networks with one more domain per entry of ``like_rows``, whose curves and embedding copy that
     domain's; every existing weight is kept. The estimator's new outputs are never the most probable."""
-    from dataclasses import replace
-
     cfg = replace(gen.config, num_domains=gen.config.num_domains + len(like_rows))
     new_gen, new_est = KernelTransferGenerator(cfg), SourceEstimator(cfg)
     state = {k: v.clone() for k, v in gen.state_dict().items()}
@@ -166,7 +165,7 @@ def calibrate_networks(gen: KernelTransferGenerator, groups: Sequence[PairedGrou
 
 
 def check_model(model: ModelFile) -> None:
-    if model.kind != "kernel_transfer":
+    if model.kind != KIND_KERNEL_TRANSFER:
         raise CalibrationError(f"{model.path}: calibration needs a kernel-transfer model, this one is "
                                f"{model.kind!r}")
 
@@ -217,11 +216,12 @@ def calibrate_model(model: str | Path | None, pairs: Sequence[tuple[str, str]], 
     base = load_model_file(model)
     check_model(base)
     path = output_path(out, base.path, overwrite)
-    harmonizer = Harmonizer.from_checkpoint(base.path, device="cpu")
+    # The estimator is needed only to start a new kernel's curves: load it then.
+    harmonizer = functools.cache(lambda: Harmonizer.from_checkpoint(base.path, device="cpu"))
     likes = {"sharp": resolve_like(base.domains, like_sharp),
              "smooth": resolve_like(base.domains, like_smooth)}
     choice = {"sharp": sharp_domain, "smooth": smooth_domain}
-    pending: list[Domain] = []
+    new_series: list[SeriesDomain] = []
     assigned: list[tuple[Any, range, dict[str, SeriesDomain]]] = []
     for sharp_dir, smooth_dir in pairs:
         pair = load_pair(sharp_dir, smooth_dir)
@@ -233,10 +233,10 @@ def calibrate_model(model: str | Path | None, pairs: Sequence[tuple[str, str]], 
                                        "scanner's own reconstructions")
             sd = domain_for_series(
                 base.domains, vol.tags, choice[role],
-                lambda v=vol, r=rows: harmonizer.estimate_source(v.hu[list(r)], v.spacing)[0].name,
-                likes[role], pending)
+                lambda v=vol, r=rows: harmonizer().estimate_source(v.hu[list(r)], v.spacing)[0].name,
+                likes[role], [n.domain for n in new_series])
             if sd.new:
-                pending.append(sd.domain)
+                new_series.append(sd)
             found[role] = sd
         if found["sharp"].domain.name == found["smooth"].domain.name:
             raise CalibrationError(f"{pair.name}: both series map to domain {found['sharp'].domain.name}; "
@@ -245,9 +245,9 @@ def calibrate_model(model: str | Path | None, pairs: Sequence[tuple[str, str]], 
     nets = instantiate(base)
     gen, est = nets["generator"], nets["source_estimator"]
     names = [d.name for d in base.domains]
-    if pending:
-        gen, est = extend_domains(gen, est, [names.index(_like_of(assigned, d)) for d in pending])
-    domains = [*base.domains, *pending]
+    if new_series:
+        gen, est = extend_domains(gen, est, [names.index(str(sd.like)) for sd in new_series])
+    domains = [*base.domains, *(sd.domain for sd in new_series)]
     index = {d.name: d.id for d in domains}
     groups = [real_pair_group(f"{pair.name} (slices {rows.start}:{rows.stop})",
                               {found[r].domain.name: vol for r, vol in (("sharp", pair.sharp),
@@ -269,11 +269,3 @@ def calibrate_model(model: str | Path | None, pairs: Sequence[tuple[str, str]], 
         path, gen, est, domains, training_record(base, record), metrics={},  # the base's metrics are not ours
         supported_pixel_mm=base.supported_pixel_mm or (0.4, 1.0), intended_use=base.card["intended_use"])
     return {"model": str(written), **record, "noise_fit": stats["noise_fit"]}
-
-
-def _like_of(assigned: Sequence[tuple[Any, range, dict[str, SeriesDomain]]], domain: Domain) -> str:
-    for _, _, found in assigned:
-        for sd in found.values():
-            if sd.new and sd.domain.name == domain.name and sd.like is not None:
-                return sd.like
-    raise AssertionError(f"new domain {domain.name} has no starting domain")

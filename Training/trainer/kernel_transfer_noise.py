@@ -57,6 +57,16 @@ def uniform_mask(target_hu: np.ndarray, spacing_xy: Sequence[float]) -> np.ndarr
     return (near < UNIFORM_GRADIENT_HU_PER_MM) & (target_hu > -1020.0)
 
 
+def band_variance_pairs(a: torch.Tensor, b: torch.Tensor, freq: torch.Tensor,
+                        mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(variance of ``a``, variance of ``b``) in each of ``band_responses`` over the ``mask`` pixels, for two
+    (rows, cols) HU images on one grid."""
+    shape = a.shape[-2:]
+    spec_a, spec_b = torch.fft.rfft2(a), torch.fft.rfft2(b)
+    return [(torch.fft.irfft2(spec_a * band, s=shape)[mask].pow(2).mean(),
+             torch.fft.irfft2(spec_b * band, s=shape)[mask].pow(2).mean()) for band in band_responses(freq)]
+
+
 def noise_fit_loss(gen: KernelTransferGenerator, batch: dict[str, Any], margin: int,
                    min_pixels: int = 200) -> torch.Tensor:
     """Mean squared log ratio of band variances in uniform pixels (output + expected synthesized noise vs
@@ -86,11 +96,9 @@ def noise_fit_loss(gen: KernelTransferGenerator, batch: dict[str, Any], margin: 
         unit = unit_highpass_variance(freq, log_nps_src).clamp_min(1e-12)
         q = local_noise_variance(x[i, 0], sp, freq) / unit
         missing = missing_noise_spectrum(freq, *rest, soft=True)
-        spec_det, spec_tgt = torch.fft.rfft2(y_det[i, 0]), torch.fft.rfft2(y[i, 0])
         q_u = q[mask].mean()
-        for band in band_responses(freq):
-            v_det = torch.fft.irfft2(spec_det * band, s=(rows, cols))[mask].pow(2).mean()
-            v_tgt = torch.fft.irfft2(spec_tgt * band, s=(rows, cols))[mask].pow(2).mean()
+        pairs = band_variance_pairs(y_det[i, 0], y[i, 0], freq, mask)
+        for band, (v_det, v_tgt) in zip(band_responses(freq), pairs, strict=True):
             v_noise = q_u * (missing * band * band).mean()  # rfft-grid mean: the variance of white noise
             terms.append((torch.log(v_det + v_noise + _EPS_HU2) - torch.log(v_tgt + _EPS_HU2)) ** 2)
     if not terms:
@@ -129,10 +137,7 @@ def noise_excess_loss(out: torch.Tensor, target: torch.Tensor, batch: dict[str, 
         mask = torch.from_numpy(mask_np)
         rows, cols = out.shape[-2:]
         freq = radial_frequency_t(rows, cols, sp, out.device)
-        spec_out, spec_tgt = torch.fft.rfft2(out[i, 0]), torch.fft.rfft2(target[i, 0])
-        for band in band_responses(freq):
-            v_out = torch.fft.irfft2(spec_out * band, s=(rows, cols))[mask].pow(2).mean()
-            v_tgt = torch.fft.irfft2(spec_tgt * band, s=(rows, cols))[mask].pow(2).mean()
+        for v_out, v_tgt in band_variance_pairs(out[i, 0], target[i, 0], freq, mask):
             excess = (torch.log(v_out + EXCESS_FLOOR_HU2) - torch.log(v_tgt + EXCESS_FLOOR_HU2)
                       - EXCESS_TOLERANCE)
             terms.append(torch.relu(excess) ** 2)
