@@ -190,6 +190,49 @@ def test_zero_residual_with_equal_mtfs_returns_the_clipped_input(tmp_path):
         np.testing.assert_allclose(out, np.clip(vol, HU_MIN, HU_MAX), rtol=0, atol=1e-3)
 
 
+def test_a_flat_zero_residual_keeps_flat_images_and_round_trips(tmp_path):
+    # The same seeded weights with and without the option: without it the residual shifts a flat image (so
+    # this test can fail), with it a flat interior comes back unchanged while textured input still changes.
+    flat_cfg = KernelTransferConfig(num_domains=3, width=8, depth=3, max_gain=8.0, flat_zero_residual=True)
+    plain_cfg = KernelTransferConfig(num_domains=3, width=8, depth=3, max_gain=8.0)
+    same = -(flat_cfg.knots[1:].float() / 0.5) ** 2
+    paths = {c.flat_zero_residual: make_kernel_transfer_file(tmp_path / f"{c.flat_zero_residual}.safetensors",
+                                                             config=c, log_mtf=same.expand(3, -1).clone())
+             for c in (flat_cfg, plain_cfg)}
+    flat = np.stack([np.full((40, 40), v, np.float32) for v in (-1000.0, -850.0, 40.0, 900.0)])
+    inner = (slice(None), slice(8, -8), slice(8, -8))  # the zero-padded border is not a flat image
+    h = Harmonizer.from_checkpoint(paths[True], device="cpu")
+    assert h._generator.config.flat_zero_residual
+    plain = Harmonizer.from_checkpoint(paths[False], device="cpu")
+    shift = plain.harmonize(flat, SPACING, "BONE", source="B30f") - flat
+    assert np.abs(shift[inner]).max() > 1.0
+    out = h.harmonize(flat, SPACING, "BONE", source="B30f")
+    np.testing.assert_allclose(out[inner], flat[inner], rtol=0, atol=1e-2)
+    vol = chest()
+    changed = h.harmonize(vol, SPACING, "BONE", source="B30f") - np.clip(vol, HU_MIN, HU_MAX)
+    assert np.abs(changed).mean() > 1.0
+
+
+def test_a_split_residual_runs_each_direction_through_its_own_network():
+    config = KernelTransferConfig(num_domains=3, width=8, depth=3, split_residual=True)
+    gen, _ = kernel_transfer_networks(config, seed=2)
+    with torch.no_grad():  # the sharpening network at zero: sharpening directions are the linear transfer
+        gen.out_up.weight.zero_()
+        gen.out_up.bias.zero_()
+    x = torch.from_numpy(chest(2))[:, None]
+    eye = torch.eye(3)
+    b30f, bone = (DOMAINS.index(d) for d in DOMAINS if d.name in ("B30f", "BONE"))
+    with torch.no_grad():
+        for src, tgt, sharpening in ((b30f, bone, True), (bone, b30f, False)):
+            s, t = eye[[src, src]], eye[[tgt, tgt]]
+            assert (gen.log_gain(s, t).mean() > 0) == sharpening
+            x_lin = gen.linear(torch.clamp(x, HU_MIN, HU_MAX), [(0.7, 0.7)] * 2, s, t)
+            res = gen.residual(torch.clamp(x, HU_MIN, HU_MAX), x_lin, s, t)
+            assert (res.abs().max() == 0) == sharpening
+        mixed = gen.residual(x, x, eye[[b30f, bone]], eye[[bone, b30f]])  # one batch, both networks
+        assert mixed[0].abs().max() == 0 < mixed[1].abs().max()
+
+
 def test_a_smoother_target_mtf_lowers_high_frequency_power(tmp_path):
     path = make_kernel_transfer_file(tmp_path / "lin.safetensors", residual=False)
     h = Harmonizer.from_checkpoint(path, device="cpu")

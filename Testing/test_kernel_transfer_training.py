@@ -133,14 +133,17 @@ def test_training_learns_resumes_exactly_and_exports(sim_tree, tmp_path):
     assert out.shape == (1, 512, 512) and np.isfinite(out).all()
 
 
-def test_a_fine_tune_keeps_the_estimator_and_trains_with_the_noise_excess_term(sim_tree, tmp_path):
+def test_a_fine_tune_keeps_the_estimator_splits_the_residual_and_trains_with_the_noise_excess_term(
+        sim_tree, tmp_path):
     from Training.train_kernel_transfer import main as train_main
 
     torch.set_num_threads(1)
     first = tmp_path / "first"
     assert train_main(["--config", str(_config(tmp_path, sim_tree)), "--out", str(first)]) == 0
     start = sorted(first.glob("checkpoint_*.pt"))[-1]
-    cfg = _config(tmp_path, sim_tree, **{"loss.noise_excess": 0.01, "train.iters": 3})
+    cfg = _config(tmp_path, sim_tree, **{"loss.noise_excess": 0.01, "train.iters": 3,
+                                         "model.split_residual": True,
+                                         "loss.noise_excess_sharpening_only": True})
     tuned = tmp_path / "tuned"
     assert train_main(["--config", str(cfg), "--out", str(tuned), "--init-from", str(start),
                        "--keep-estimator"]) == 0
@@ -150,6 +153,12 @@ def test_a_fine_tune_keeps_the_estimator_and_trains_with_the_noise_excess_term(s
         assert torch.equal(value, after["estimator"][key]), key  # kept, not refitted
     assert after["estimator_stats"]["kept_from"] == str(start)
     assert all("noise_excess" in row for row in after["history"])
+    # Both residual networks start from the single one, and training moves them apart.
+    gen_before, gen_after = before["generator"], after["generator"]
+    for key in ("convs.0.weight", "out.weight"):
+        up = key.replace(".", "_up.", 1)
+        assert gen_after[up].shape == gen_before[key].shape
+        assert not torch.equal(gen_after[up], gen_after[key])
     assert train_main(["--config", str(cfg), "--out", str(tmp_path / "x"), "--keep-estimator"]) == 2
 
 
@@ -171,6 +180,9 @@ def test_the_noise_excess_term_penalises_only_more_noise_than_the_target():
     same = {**batch, "target": np.array([0])}
     assert float(noise_excess_loss(noisier, target, same)) == 0.0  # identity crops are not judged
     assert float(noise_excess_loss(noisier, target, batch, include_real=False)) == 0.0  # a real crop
+    for chosen in (True, False):  # ``items``: only the chosen crops (the sharpening ones in training)
+        picked = noise_excess_loss(noisier, target, batch, items=torch.tensor([chosen]))
+        assert (float(picked) == float(loss)) if chosen else (float(picked) == 0.0)
 
 
 def test_a_learning_step_lowers_the_paired_error(tmp_path):

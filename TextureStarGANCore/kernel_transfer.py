@@ -64,6 +64,15 @@ class KernelTransferConfig:
     # Random noise for what the target kernel keeps and the source removed (noise_synthesis.py): adds the
     # per-domain ``log_keep`` curves. Off in the first v2 files.
     noise_synthesis: bool = False
+    # The residual is exactly zero on a constant image: R minus its own response to a flat image at each
+    # pixel's linear-transfer level. Every kernel keeps a flat region's HU (MTF = 1 at f = 0), so a residual
+    # that shifts flat air or tissue is a bias (2.4 HU in flat air on the real head pair). Off in the first
+    # v2 files.
+    flat_zero_residual: bool = False
+    # Two residual networks: one for directions that sharpen (mean log gain of the linear transfer above 0),
+    # one for the others. Sharpening amplifies noise along with edges and smoothing removes it, and one shared
+    # network had to trade the two (the noise-excess ablation in MODEL_CARD.md). Off in the first v2 files.
+    split_residual: bool = False
     kind: str = field(default="kernel_transfer")
 
     def __post_init__(self) -> None:
@@ -82,7 +91,7 @@ class KernelTransferConfig:
             raise ValueError(f"max_gain must be above 1, got {self.max_gain!r}")
         if not (isinstance(self.knot_step_per_mm, (int, float)) and self.knot_step_per_mm > 0):
             raise ValueError(f"knot_step_per_mm must be positive, got {self.knot_step_per_mm!r}")
-        for name in ("smooth_origin", "noise_synthesis"):
+        for name in ("smooth_origin", "noise_synthesis", "flat_zero_residual", "split_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -144,6 +153,30 @@ def _domain_weights(ref: DomainRef, num_domains: int, device: torch.device) -> t
     return F.one_hot(idx, num_domains).float()
 
 
+def _residual_layers(c: KernelTransferConfig) -> tuple[nn.ModuleList, nn.Linear, nn.Conv2d]:
+    """The residual network's convolutions, FiLM layer and output layer; FiLM and output start at zero."""
+    convs = nn.ModuleList([nn.Conv2d(2, c.width, 3, padding=1)]
+                          + [nn.Conv2d(c.width, c.width, 3, padding=1) for _ in range(c.depth - 2)])
+    film = nn.Linear(2 * c.embed_dim, 2 * c.width * (c.depth - 1))
+    nn.init.zeros_(film.weight)
+    nn.init.zeros_(film.bias)
+    out = nn.Conv2d(c.width, 1, 3, padding=1)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    return convs, film, out
+
+
+def _flat_response(convs: nn.ModuleList, out: nn.Conv2d, level: torch.Tensor,
+                   film: torch.Tensor) -> torch.Tensor:
+    """A residual network on a constant image at each pixel's ``level`` (HU / HU_SCALE): on a flat input a
+    3 x 3 convolution is a 1 x 1 convolution with the kernel's sum (the linear transfer keeps the level)."""
+    h = torch.cat([level, level], 1)
+    for k, conv in enumerate(convs):
+        h = F.conv2d(h, conv.weight.sum((2, 3), keepdim=True), conv.bias)
+        h = F.leaky_relu(h * (1 + film[:, k, 0]) + film[:, k, 1], 0.2)
+    return F.conv2d(h, out.weight.sum((2, 3), keepdim=True), out.bias)
+
+
 class KernelTransferGenerator(nn.Module):
     """y = H_{s->t} x + HU_SCALE * R(x, H x | e_s, e_t) on HU slices of any size and pixel spacing."""
 
@@ -153,16 +186,9 @@ class KernelTransferGenerator(nn.Module):
         c = config
         self.log_mtf = nn.Parameter(torch.zeros(c.num_domains, c.num_knots - 1))  # knot 0 is fixed at 0
         self.embed = nn.Parameter(torch.randn(c.num_domains, c.embed_dim) * 0.1)
-        self.convs = nn.ModuleList(
-            [nn.Conv2d(2, c.width, 3, padding=1)]
-            + [nn.Conv2d(c.width, c.width, 3, padding=1) for _ in range(c.depth - 2)]
-        )
-        self.film = nn.Linear(2 * c.embed_dim, 2 * c.width * (c.depth - 1))
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
-        self.out = nn.Conv2d(c.width, 1, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.convs, self.film, self.out = _residual_layers(c)
+        if c.split_residual:  # the sharpening directions' network (same layout, names ending in _up)
+            self.convs_up, self.film_up, self.out_up = _residual_layers(c)
         if c.noise_synthesis:  # log of the noise power an iterative reconstruction keeps (0: plain FBP)
             self.log_keep = nn.Parameter(torch.zeros(c.num_domains, c.num_knots - 1))
 
@@ -185,6 +211,10 @@ class KernelTransferGenerator(nn.Module):
         cap = math.log(self.config.max_gain)
         return cap - F.softplus(cap - d, beta=8.0)  # smooth min(d, log max_gain); 1e-4 off at d = 0
 
+    def sharpening(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the linear transfer sharpens (its mean log gain over the knots is above 0)."""
+        return self.log_gain(src, tgt).mean(1) > 0
+
     def linear(self, x: torch.Tensor, spacing_xy: Sequence[Sequence[float]], src: torch.Tensor,
                tgt: torch.Tensor) -> torch.Tensor:
         """The linear transfer of (B, 1, H, W) clipped HU, one pixel spacing (x, y) mm per item."""
@@ -206,12 +236,29 @@ class KernelTransferGenerator(nn.Module):
     def residual(self, x: torch.Tensor, x_lin: torch.Tensor, src: torch.Tensor,
                  tgt: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([src @ self.embed, tgt @ self.embed], 1)
-        film = self.film(cond).view(x.shape[0], len(self.convs), 2, self.config.width, 1, 1)
+        branches = [(self.convs, self.film, self.out)]
+        if not self.config.split_residual:
+            return self._residual_branch(branches[0], x, x_lin, cond)
+        branches.append((self.convs_up, self.film_up, self.out_up))
+        up = self.sharpening(src, tgt)
+        out = torch.empty_like(x)
+        for k, chosen in enumerate((~up, up)):  # each item through its own direction's network
+            if bool(chosen.any()):
+                out[chosen] = self._residual_branch(branches[k], x[chosen], x_lin[chosen], cond[chosen])
+        return out
+
+    def _residual_branch(self, layers: tuple[nn.ModuleList, nn.Linear, nn.Conv2d], x: torch.Tensor,
+                         x_lin: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        convs, film_layer, out = layers
+        film = film_layer(cond).view(x.shape[0], len(convs), 2, self.config.width, 1, 1)
         h = torch.cat([x, x_lin], 1) / HU_SCALE
-        for k, conv in enumerate(self.convs):
+        for k, conv in enumerate(convs):
             h = conv(h)
             h = F.leaky_relu(h * (1 + film[:, k, 0]) + film[:, k, 1], 0.2)
-        return HU_SCALE * self.out(h)
+        r = out(h)
+        if self.config.flat_zero_residual:
+            r = r - _flat_response(convs, out, x_lin / HU_SCALE, film)
+        return HU_SCALE * r
 
     def noise_curves(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(log NPS/f of the source at unit dose, log MTF^2 of the target, log keep of the source, log keep

@@ -105,11 +105,20 @@ def _curve_png(history: list[dict[str, float]], path: Path) -> None:
 
 
 def _init_generator(run_: Any, state: dict[str, Any]) -> None:
-    """Start from another run's generator; a run without noise synthesis lacks only ``log_keep``."""
+    """Start from another run's generator; a run without noise synthesis lacks only ``log_keep``. A run
+    without ``split_residual`` starts both residual networks of a split one from its single network."""
+    if run_.gen.config.split_residual and not any(k.startswith("out_up.") for k in state):
+        state = {**state, **{_up_name(k): v for k, v in state.items() if k.split(".")[0] in
+                             ("convs", "film", "out")}}
     missing, unexpected = run_.gen.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"log_keep"}:
         raise KTConfigError(f"--init-from: the generator does not match the config (missing {missing}, "
                             f"unexpected {unexpected})")
+
+
+def _up_name(key: str) -> str:
+    head, _, rest = key.partition(".")
+    return f"{head}_up.{rest}"
 
 
 def _fit_noise(run_: Any, groups: Any, out: Path, progress: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ class ModelSection:
     max_gain: float = 4.0
     smooth_origin: bool = True  # see KernelTransferConfig.smooth_origin
     noise_synthesis: bool = True  # see KernelTransferConfig.noise_synthesis; fitted after training
+    flat_zero_residual: bool = False  # see KernelTransferConfig.flat_zero_residual
+    split_residual: bool = False  # see KernelTransferConfig.split_residual
 
 
 @dataclass
@@ -59,6 +61,7 @@ class LossSection:
     # must not carry more noise than the target in its edge-free pixels (0: off).
     noise_excess: float = 0.0
     noise_excess_real: bool = True  # the term on real crops too (False: simulated crops only)
+    noise_excess_sharpening_only: bool = False  # the term only where the linear transfer sharpens
 
 
 @dataclass

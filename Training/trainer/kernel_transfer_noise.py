@@ -114,7 +114,8 @@ EXCESS_FLOOR_HU2 = 4.0
 
 
 def noise_excess_loss(out: torch.Tensor, target: torch.Tensor, batch: dict[str, Any],
-                      min_pixels: int = 200, include_real: bool = True) -> torch.Tensor:
+                      min_pixels: int = 200, include_real: bool = True,
+                      items: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared excess of the log band variances of ``out`` over ``target`` (B, 1, h, w crop interiors,
     HU) in the target's edge-free pixels, beyond ``EXCESS_TOLERANCE``; non-identity crops only.
 
@@ -122,10 +123,11 @@ def noise_excess_loss(out: torch.Tensor, target: torch.Tensor, batch: dict[str, 
     predict is averaged away), so more noise than the target in flat regions is always an error: from
     smooth to sharp kernels the residual learned to amplify noise with the edges (simulated B30f -> GE
     BONE: 70 HU high-pass noise against 48). Less noise than the target is left to the noise synthesis.
-    ``include_real`` False: simulated crops only (``batch["real"]``)."""
+    ``include_real`` False: simulated crops only (``batch["real"]``). ``items`` (B,) bool: those crops only.
+    """
     terms = []
     for i in range(out.shape[0]):
-        if int(batch["source"][i]) == int(batch["target"][i]):
+        if int(batch["source"][i]) == int(batch["target"][i]) or (items is not None and not bool(items[i])):
             continue
         if not include_real and bool(batch["real"][i]):
             continue

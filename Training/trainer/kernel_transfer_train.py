@@ -46,7 +46,8 @@ def model_config(cfg: KTConfig) -> KernelTransferConfig:
     m = cfg.model
     return KernelTransferConfig(num_domains=len(cfg.domains), width=m.width, depth=m.depth,
                                 embed_dim=m.embed_dim, max_gain=float(m.max_gain),
-                                smooth_origin=m.smooth_origin, noise_synthesis=m.noise_synthesis)
+                                smooth_origin=m.smooth_origin, noise_synthesis=m.noise_synthesis,
+                                flat_zero_residual=m.flat_zero_residual, split_residual=m.split_residual)
 
 
 def init_log_mtf(gen: KernelTransferGenerator, domains: list[str]) -> None:
@@ -222,7 +223,13 @@ def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
     if cfg.loss.noise_excess > 0:
         from .kernel_transfer_noise import noise_excess_loss
 
-        excess = noise_excess_loss(oc, yc, batch, include_real=cfg.loss.noise_excess_real)
+        items = None
+        if cfg.loss.noise_excess_sharpening_only:
+            eye = torch.eye(len(cfg.domains))
+            with torch.no_grad():
+                items = run.gen.sharpening(eye[torch.from_numpy(batch["source"])],
+                                           eye[torch.from_numpy(batch["target"])])
+        excess = noise_excess_loss(oc, yc, batch, include_real=cfg.loss.noise_excess_real, items=items)
         loss = loss + cfg.loss.noise_excess * excess
         row["noise_excess"] = float(excess.detach())
     real = torch.from_numpy(batch["real"])
