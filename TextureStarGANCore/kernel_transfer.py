@@ -211,9 +211,11 @@ class KernelTransferGenerator(nn.Module):
         cap = math.log(self.config.max_gain)
         return cap - F.softplus(cap - d, beta=8.0)  # smooth min(d, log max_gain); 1e-4 off at d = 0
 
-    def sharpening(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the linear transfer sharpens (its mean log gain over the knots is above 0)."""
-        return self.log_gain(src, tgt).mean(1) > 0
+    def sharpening(self, source: DomainRef, target: DomainRef) -> torch.Tensor:
+        """(B,) bool: the linear transfer sharpens (its mean log gain over the knots is above 0); domains as
+        indices (B,) or weights (B, D)."""
+        n, dev = self.config.num_domains, self.log_mtf.device
+        return self.log_gain(_domain_weights(source, n, dev), _domain_weights(target, n, dev)).mean(1) > 0
 
     def linear(self, x: torch.Tensor, spacing_xy: Sequence[Sequence[float]], src: torch.Tensor,
                tgt: torch.Tensor) -> torch.Tensor:
@@ -236,15 +238,14 @@ class KernelTransferGenerator(nn.Module):
     def residual(self, x: torch.Tensor, x_lin: torch.Tensor, src: torch.Tensor,
                  tgt: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([src @ self.embed, tgt @ self.embed], 1)
-        branches = [(self.convs, self.film, self.out)]
+        smoothing = (self.convs, self.film, self.out)
         if not self.config.split_residual:
-            return self._residual_branch(branches[0], x, x_lin, cond)
-        branches.append((self.convs_up, self.film_up, self.out_up))
+            return self._residual_branch(smoothing, x, x_lin, cond)
         up = self.sharpening(src, tgt)
         out = torch.empty_like(x)
-        for k, chosen in enumerate((~up, up)):  # each item through its own direction's network
-            if bool(chosen.any()):
-                out[chosen] = self._residual_branch(branches[k], x[chosen], x_lin[chosen], cond[chosen])
+        for chosen, layers in ((~up, smoothing), (up, (self.convs_up, self.film_up, self.out_up))):
+            if bool(chosen.any()):  # each item through its own direction's network
+                out[chosen] = self._residual_branch(layers, x[chosen], x_lin[chosen], cond[chosen])
         return out
 
     def _residual_branch(self, layers: tuple[nn.ModuleList, nn.Linear, nn.Conv2d], x: torch.Tensor,

@@ -57,14 +57,14 @@ def uniform_mask(target_hu: np.ndarray, spacing_xy: Sequence[float]) -> np.ndarr
     return (near < UNIFORM_GRADIENT_HU_PER_MM) & (target_hu > -1020.0)
 
 
-def band_variance_pairs(a: torch.Tensor, b: torch.Tensor, freq: torch.Tensor,
+def band_variance_pairs(a: torch.Tensor, b: torch.Tensor, bands: Sequence[torch.Tensor],
                         mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(variance of ``a``, variance of ``b``) in each of ``band_responses`` over the ``mask`` pixels, for two
-    (rows, cols) HU images on one grid."""
+    """(variance of ``a``, variance of ``b``) in each band (``band_responses``) over the ``mask`` pixels, for
+    two (rows, cols) HU images on one grid."""
     shape = a.shape[-2:]
     spec_a, spec_b = torch.fft.rfft2(a), torch.fft.rfft2(b)
     return [(torch.fft.irfft2(spec_a * band, s=shape)[mask].pow(2).mean(),
-             torch.fft.irfft2(spec_b * band, s=shape)[mask].pow(2).mean()) for band in band_responses(freq)]
+             torch.fft.irfft2(spec_b * band, s=shape)[mask].pow(2).mean()) for band in bands]
 
 
 def noise_fit_loss(gen: KernelTransferGenerator, batch: dict[str, Any], margin: int,
@@ -97,8 +97,9 @@ def noise_fit_loss(gen: KernelTransferGenerator, batch: dict[str, Any], margin: 
         q = local_noise_variance(x[i, 0], sp, freq) / unit
         missing = missing_noise_spectrum(freq, *rest, soft=True)
         q_u = q[mask].mean()
-        pairs = band_variance_pairs(y_det[i, 0], y[i, 0], freq, mask)
-        for band, (v_det, v_tgt) in zip(band_responses(freq), pairs, strict=True):
+        bands = band_responses(freq)
+        for band, (v_det, v_tgt) in zip(bands, band_variance_pairs(y_det[i, 0], y[i, 0], bands, mask),
+                                        strict=True):
             v_noise = q_u * (missing * band * band).mean()  # rfft-grid mean: the variance of white noise
             terms.append((torch.log(v_det + v_noise + _EPS_HU2) - torch.log(v_tgt + _EPS_HU2)) ** 2)
     if not terms:
@@ -139,7 +140,7 @@ def noise_excess_loss(out: torch.Tensor, target: torch.Tensor, batch: dict[str, 
         mask = torch.from_numpy(mask_np)
         rows, cols = out.shape[-2:]
         freq = radial_frequency_t(rows, cols, sp, out.device)
-        for v_out, v_tgt in band_variance_pairs(out[i, 0], target[i, 0], freq, mask):
+        for v_out, v_tgt in band_variance_pairs(out[i, 0], target[i, 0], band_responses(freq), mask):
             excess = (torch.log(v_out + EXCESS_FLOOR_HU2) - torch.log(v_tgt + EXCESS_FLOOR_HU2)
                       - EXCESS_TOLERANCE)
             terms.append(torch.relu(excess) ** 2)

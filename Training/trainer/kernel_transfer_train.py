@@ -225,10 +225,8 @@ def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
 
         items = None
         if cfg.loss.noise_excess_sharpening_only:
-            eye = torch.eye(len(cfg.domains))
             with torch.no_grad():
-                items = run.gen.sharpening(eye[torch.from_numpy(batch["source"])],
-                                           eye[torch.from_numpy(batch["target"])])
+                items = run.gen.sharpening(batch["source"], batch["target"])
         excess = noise_excess_loss(oc, yc, batch, include_real=cfg.loss.noise_excess_real, items=items)
         loss = loss + cfg.loss.noise_excess * excess
         row["noise_excess"] = float(excess.detach())
