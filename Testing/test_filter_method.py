@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from model_factory import make_model_file
+from model_factory import make_kernel_transfer_file, make_model_file
 from simdata import shared_dataset
 
 from TextureStarGANCore import cli
@@ -99,3 +99,14 @@ def test_amending_a_model_card_keeps_the_weights(tmp_path):
     for net, sd in a.state_dicts.items():
         assert all(torch.equal(v, b.state_dicts[net][k]) for k, v in sd.items())
     assert torch.equal(a.domain_styles, b.domain_styles)
+    # A kernel-transfer file (the bundled kind): the same, through its own writer.
+    src = make_kernel_transfer_file(tmp_path / "kt.safetensors", iterations=2)
+    out = amend_model_card(src, tmp_path / "kt2.safetensors", metrics={"real_pairs": {"y": 2.0}})
+    a, b = load_model_file(src), load_model_file(out)
+    assert b.kind == "kernel_transfer" and b.card["metrics"]["real_pairs"] == {"y": 2.0}
+    def rest(card: dict) -> dict:
+        return {k: v for k, v in card.items() if k != "metrics"}
+
+    assert rest(b.card) == rest(a.card)
+    for net, sd in a.state_dicts.items():
+        assert all(torch.equal(v, b.state_dicts[net][k]) for k, v in sd.items())

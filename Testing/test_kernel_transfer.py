@@ -225,12 +225,26 @@ def test_a_split_residual_runs_each_direction_through_its_own_network():
     with torch.no_grad():
         for src, tgt, sharpening in ((b30f, bone, True), (bone, b30f, False)):
             s, t = eye[[src, src]], eye[[tgt, tgt]]
-            assert (gen.log_gain(s, t).mean() > 0) == sharpening
+            assert bool(gen.sharpening(s, t).all()) == sharpening
             x_lin = gen.linear(torch.clamp(x, HU_MIN, HU_MAX), [(0.7, 0.7)] * 2, s, t)
             res = gen.residual(torch.clamp(x, HU_MIN, HU_MAX), x_lin, s, t)
             assert (res.abs().max() == 0) == sharpening
         mixed = gen.residual(x, x, eye[[b30f, bone]], eye[[bone, b30f]])  # one batch, both networks
         assert mixed[0].abs().max() == 0 < mixed[1].abs().max()
+
+
+def test_sharpening_follows_the_noise_power_not_the_mtf_tails():
+    """A sharp kernel whose MTF ends at 0.8 cycles/mm (Philips L as fitted) against a smooth one with a faint
+    tail: the tail's knots give a positive mean log gain, yet the transfer removes most of the noise."""
+    config = KernelTransferConfig(num_domains=3, width=8, depth=3)
+    gen, _ = kernel_transfer_networks(config, seed=0)
+    f = config.knots[1:].float()
+    with torch.no_grad():
+        gen.log_mtf[0] = torch.where(f < 0.7, torch.log1p(2 * f), torch.tensor(-12.0))  # sharp, ends at 0.7
+        gen.log_mtf[1] = torch.log(torch.exp(-(f / 0.35) ** 2) + 0.05)  # smooth, faint tail
+    sharp, smooth = torch.tensor([0]), torch.tensor([1])
+    assert gen.log_gain(torch.eye(3)[[0]], torch.eye(3)[[1]]).mean() > 0
+    assert not gen.sharpening(sharp, smooth) and gen.sharpening(smooth, sharp)
 
 
 def test_a_smoother_target_mtf_lowers_high_frequency_power(tmp_path):

@@ -160,6 +160,20 @@ def test_a_fine_tune_keeps_the_estimator_splits_the_residual_and_trains_with_the
         assert gen_after[up].shape == gen_before[key].shape
         assert not torch.equal(gen_after[up], gen_after[key])
     assert train_main(["--config", str(cfg), "--out", str(tmp_path / "x"), "--keep-estimator"]) == 2
+    # train.frozen: only the sharpening network trains; every frozen part stays the starting checkpoint's.
+    frozen = ["log_mtf", "embed", "convs", "film", "out"]
+    cfg = _config(tmp_path, sim_tree,
+                  **{"train.iters": 3, "model.split_residual": True, "train.frozen": frozen})
+    assert train_main(["--config", str(cfg), "--out", str(tmp_path / "frozen"), "--init-from", str(start),
+                       "--keep-estimator"]) == 0
+    last = sorted((tmp_path / "frozen").glob("checkpoint_*.pt"))[-1]
+    after = torch.load(last, weights_only=True)["generator"]
+    for key, value in gen_before.items():
+        if key.split(".")[0] in frozen:
+            assert torch.equal(after[key], value), key
+    assert not torch.equal(after["convs_up.0.weight"], gen_before["convs.0.weight"])
+    bad = _config(tmp_path, sim_tree, **{"train.frozen": ["convz"]})
+    assert train_main(["--config", str(bad), "--out", str(tmp_path / "bad")]) != 0
 
 
 def test_the_noise_excess_term_penalises_only_more_noise_than_the_target():

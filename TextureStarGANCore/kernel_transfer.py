@@ -69,9 +69,10 @@ class KernelTransferConfig:
     # that shifts flat air or tissue is a bias (2.4 HU in flat air on the real head pair). Off in the first
     # v2 files.
     flat_zero_residual: bool = False
-    # Two residual networks: one for directions that sharpen (mean log gain of the linear transfer above 0),
-    # one for the others. Sharpening amplifies noise along with edges and smoothing removes it, and one shared
-    # network had to trade the two (the noise-excess ablation in MODEL_CARD.md). Off in the first v2 files.
+    # Two residual networks: one for directions that sharpen (the linear transfer raises the power of the
+    # source's noise), one for the others. Sharpening amplifies noise along with edges and smoothing removes
+    # it, and one shared network had to trade the two (the noise-excess ablation in MODEL_CARD.md). Off in the
+    # first v2 files.
     split_residual: bool = False
     kind: str = field(default="kernel_transfer")
 
@@ -212,10 +213,14 @@ class KernelTransferGenerator(nn.Module):
         return cap - F.softplus(cap - d, beta=8.0)  # smooth min(d, log max_gain); 1e-4 off at d = 0
 
     def sharpening(self, source: DomainRef, target: DomainRef) -> torch.Tensor:
-        """(B,) bool: the linear transfer sharpens (its mean log gain over the knots is above 0); domains as
-        indices (B,) or weights (B, D)."""
+        """(B,) bool: the linear transfer raises the power of the source's noise (white noise through the
+        source MTF, f-weighted for a 2-D spectrum); domains as indices (B,) or weights (B, D). A mean of the
+        log gain would be ruled by the knots where both MTFs are near 0 (e.g. Philips L -> UB "sharpened")."""
         n, dev = self.config.num_domains, self.log_mtf.device
-        return self.log_gain(_domain_weights(source, n, dev), _domain_weights(target, n, dev)).mean(1) > 0
+        src, tgt = _domain_weights(source, n, dev), _domain_weights(target, n, dev)
+        with torch.no_grad():
+            w = self.config.knots.to(self.log_mtf) * torch.exp(2 * (src @ self.log_mtf_knots()))
+            return (w * torch.exp(2 * self.log_gain(src, tgt))).sum(1) > w.sum(1)
 
     def linear(self, x: torch.Tensor, spacing_xy: Sequence[Sequence[float]], src: torch.Tensor,
                tgt: torch.Tensor) -> torch.Tensor:

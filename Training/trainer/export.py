@@ -26,8 +26,10 @@ from TextureStarGANCore.domains import Domain
 from TextureStarGANCore.model_file import (
     DEFAULT_NUM_LATENTS,
     compute_domain_styles,
+    instantiate,
     load_model_file,
     make_model_card,
+    save_kernel_transfer_model,
     save_model_file,
     weights_from_networks,
 )
@@ -169,5 +171,12 @@ def amend_model_card(
         card["metrics"] = {**card.get("metrics", {}), **metrics}
     if transfer_filters is not None:
         card["transfer_filters"] = [dict(e) for e in transfer_filters]
+    if mf.kind == "kernel_transfer":  # rebuilt from the file's own networks; the same weights and fields
+        nets = instantiate(mf, "cpu")
+        return save_kernel_transfer_model(
+            out, nets["generator"], nets["source_estimator"], list(mf.domains), card["training"],
+            metrics=card.get("metrics"), supported_pixel_mm=card["supported_pixel_mm"],
+            intended_use=card["intended_use"], transfer_filters=card.get("transfer_filters"),
+            created=card.get("created"))
     weights = {f"{net}.{k}": v for net, sd in mf.state_dicts.items() for k, v in sd.items()}
     return save_model_file(out, config=mf.config, weights=weights, domain_styles=mf.domain_styles, card=card)

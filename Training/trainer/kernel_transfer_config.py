@@ -48,6 +48,9 @@ class TrainSection:
     mtf_lr: float = 3.0e-3
     seed: int = 0
     threads: int = 2
+    # Generator parts that stay as they are (top-level parameter names, e.g. [log_mtf, embed, convs, film,
+    # out]): a fine-tune of a split model can train only the sharpening network (convs_up, film_up, out_up)
+    frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +148,8 @@ def load_kt_config(path: str | Path, overrides: dict[str, Any] | None = None) ->
         raise KTConfigError("data.crop must exceed 2 x data.margin + 16")
     if not cfg.data.simulated and not cfg.data.real:
         raise KTConfigError("data: give simulated folders and/or real paired acquisitions")
+    if not all(isinstance(n, str) for n in cfg.train.frozen):
+        raise KTConfigError("train.frozen: a list of generator parameter names is needed")
     if cfg.model.max_gain <= 1:
         raise KTConfigError("model.max_gain must be above 1")
     return cfg

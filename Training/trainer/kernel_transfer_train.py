@@ -33,7 +33,7 @@ from TextureStarGANCore.kernel_transfer import (
 )
 from TextureStarGANCore.texture import TextureLoss
 
-from .kernel_transfer_config import KTConfig
+from .kernel_transfer_config import KTConfig, KTConfigError
 from .paired_data import PairedGroup, PairSampler
 
 __all__ = ["KTRun", "build_networks", "init_log_mtf", "fit_estimator", "paired_error", "train",
@@ -124,6 +124,27 @@ def _window(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.clamp((x - lo) / (hi - lo) * 2 - 1, -1.0, 1.0)
 
 
+def _param_groups(gen: KernelTransferGenerator, cfg: KTConfig) -> list[dict[str, Any]]:
+    """The optimizer's groups: the transfer curves at their own rate, the rest at ``train.lr``; parts named in
+    ``train.frozen`` are left out (and get no gradient). log_keep (noise synthesis) is fitted after training,
+    by kernel_transfer_noise.fit_noise."""
+    frozen = set(cfg.train.frozen)
+    named = [(n, p) for n, p in gen.named_parameters() if n != "log_keep"]
+    unknown = sorted(frozen - {n.split(".")[0] for n, _ in named})
+    if unknown:
+        raise KTConfigError(f"train.frozen: no generator part named {unknown}; parts: "
+                            f"{sorted({n.split('.')[0] for n, _ in named})}")
+    for n, p in named:
+        p.requires_grad_(n.split(".")[0] not in frozen)
+    groups = [{"params": [gen.log_mtf], "lr": cfg.train.mtf_lr},
+              {"params": [p for n, p in named if n != "log_mtf"], "lr": cfg.train.lr}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise KTConfigError("train.frozen: every part of the generator is frozen, nothing would train")
+    return groups
+
+
 @dataclass
 class KTRun:
     """Everything a training run keeps between iterations (and in its checkpoints)."""
@@ -141,12 +162,7 @@ class KTRun:
     @classmethod
     def create(cls, cfg: KTConfig) -> KTRun:
         gen, est = build_networks(cfg)
-        opt = torch.optim.Adam([
-            {"params": [gen.log_mtf], "lr": cfg.train.mtf_lr},
-            # log_keep (noise synthesis) is fitted after training, by kernel_transfer_noise.fit_noise
-            {"params": [p for n, p in gen.named_parameters() if n not in ("log_mtf", "log_keep")],
-             "lr": cfg.train.lr},
-        ])
+        opt = torch.optim.Adam(_param_groups(gen, cfg))
         texture = tex_opt = None
         if cfg.loss.texture > 0:
             texture = TextureLoss(levels=cfg.loss.texture_levels)
@@ -240,9 +256,10 @@ def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
         loss = loss + w * ltx
         row["texture"] = float(ltx.detach())
     run.opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.gen.parameters(), 5.0)
-    run.opt.step()
+    if loss.requires_grad:  # with train.frozen a batch can reach frozen parts only (no sharpening crop)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.gen.parameters(), 5.0)
+        run.opt.step()
     if run.texture is not None and run.tex_opt is not None:
         run.tex_opt.zero_grad()
         run.texture.aggregation_objective().backward()
