@@ -130,15 +130,15 @@ def _param_groups(gen: KernelTransferGenerator, cfg: KTConfig) -> list[dict[str,
     by kernel_transfer_noise.fit_noise."""
     frozen = set(cfg.train.frozen)
     named = [(n, p) for n, p in gen.named_parameters() if n != "log_keep"]
-    unknown = sorted(frozen - {n.split(".")[0] for n, _ in named})
-    if unknown:
-        raise KTConfigError(f"train.frozen: no generator part named {unknown}; parts: "
-                            f"{sorted({n.split('.')[0] for n, _ in named})}")
+    parts = {n.split(".")[0] for n, _ in named}
+    if frozen - parts:
+        raise KTConfigError(f"train.frozen: no generator part named {sorted(frozen - parts)}; parts: "
+                            f"{sorted(parts)}")
     for n, p in named:
         p.requires_grad_(n.split(".")[0] not in frozen)
-    groups = [{"params": [gen.log_mtf], "lr": cfg.train.mtf_lr},
-              {"params": [p for n, p in named if n != "log_mtf"], "lr": cfg.train.lr}]
-    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n == "log_mtf"], "lr": cfg.train.mtf_lr},
+              {"params": [p for n, p in trainable if n != "log_mtf"], "lr": cfg.train.lr}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise KTConfigError("train.frozen: every part of the generator is frozen, nothing would train")
@@ -241,8 +241,7 @@ def train_step(run: KTRun, batch: dict[str, Any]) -> dict[str, float]:
 
         items = None
         if cfg.loss.noise_excess_sharpening_only:
-            with torch.no_grad():
-                items = run.gen.sharpening(batch["source"], batch["target"])
+            items = run.gen.sharpening(batch["source"], batch["target"])
         excess = noise_excess_loss(oc, yc, batch, include_real=cfg.loss.noise_excess_real, items=items)
         loss = loss + cfg.loss.noise_excess * excess
         row["noise_excess"] = float(excess.detach())
