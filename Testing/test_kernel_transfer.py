@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from model_factory import KT_TINY, kernel_transfer_networks, make_kernel_transfer_file
 from model_factory import rewrite_model_file as _rewrite
 
@@ -21,7 +22,13 @@ from TextureStarGANCore import model_file as mfile
 from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS
 from TextureStarGANCore.filter_method import FilterHarmonizer, model_linear_filter
 from TextureStarGANCore.inference import HarmonizationCancelled, Harmonizer, PixelSizeWarning
-from TextureStarGANCore.kernel_transfer import HU_MAX, HU_MIN, KernelTransferConfig, linear_transfer_filter
+from TextureStarGANCore.kernel_transfer import (
+    HU_MAX,
+    HU_MIN,
+    KernelTransferConfig,
+    KernelTransferGenerator,
+    linear_transfer_filter,
+)
 from TextureStarGANCore.model_file import (
     KIND_KERNEL_TRANSFER,
     ModelFileError,
@@ -211,6 +218,30 @@ def test_a_flat_zero_residual_keeps_flat_images_and_round_trips(tmp_path):
     vol = chest()
     changed = h.harmonize(vol, SPACING, "BONE", source="B30f") - np.clip(vol, HU_MIN, HU_MAX)
     assert np.abs(changed).mean() > 1.0
+
+
+def test_the_flat_response_on_a_level_grid_matches_the_per_pixel_network():
+    """The flat response is read from a table of levels (it was the per-pixel network, as slow as the
+    residual itself); against the per-pixel form it must agree to 0.01 HU, random weights and FiLM."""
+    from TextureStarGANCore.kernel_transfer import HU_SCALE, _flat_response
+
+    torch.manual_seed(3)
+    c = KernelTransferConfig(num_domains=3, width=24, depth=6)
+    gen = KernelTransferGenerator(c)
+    torch.nn.init.normal_(gen.out.weight, 0.0, 0.05)  # convolutions at their default init, FiLM and output
+    torch.nn.init.normal_(gen.film.weight, 0.0, 0.1)  # random (they start at zero)
+    film = gen.film(torch.randn(2, 2 * c.embed_dim)).view(2, c.depth - 1, 2, c.width, 1, 1)
+    ramp = np.linspace(-1100.0, 3200.0, 64 * 64).reshape(64, 64)  # every level, a little beyond the clip
+    level = torch.from_numpy(np.stack([chest(1)[0], ramp]).astype(np.float32))[:, None] / HU_SCALE
+    h = torch.cat([level, level], 1)  # the per-pixel form: the network on a constant image, pixel by pixel
+    for k, conv in enumerate(gen.convs):
+        h = F.leaky_relu(F.conv2d(h, conv.weight.sum((2, 3), keepdim=True), conv.bias) * (1 + film[:, k, 0])
+                         + film[:, k, 1], 0.2)
+    exact = F.conv2d(h, gen.out.weight.sum((2, 3), keepdim=True), gen.out.bias)
+    with torch.no_grad():
+        table = _flat_response(gen.convs, gen.out, level, film)
+    assert float(exact.abs().max()) * HU_SCALE > 10.0  # random weights respond strongly
+    assert float((table - exact).abs().max()) * HU_SCALE < 0.01
 
 
 def test_a_split_residual_runs_each_direction_through_its_own_network():
