@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -213,35 +212,35 @@ def test_one_worker_per_gpu_each_sees_its_own(monkeypatch):
     assert worker_slots("cuda:1", None) == [("cuda", "6")]
 
 
-_SLOW_RUN = """
-import sys, time
-from TextureStarGANCore import cli, cohort
+_SIGNALLED_RUN = """
+import csv, os, sys
+from pathlib import Path
+from TextureStarGANCore import cli
 from TextureStarGANCore.inference import Harmonizer
 real = Harmonizer.harmonize
-def slow(self, *a, **k):
-    time.sleep(0.4)  # room for the test to kill the run between two series
+manifest = Path(sys.argv[sys.argv.index("--output") + 1]) / "manifest.csv"
+def signal_once_a_series_is_done(self, *a, **k):
+    with open(manifest, newline="") as fh:  # the stop comes as a later series starts
+        if any(r["status"] == "done" for r in csv.DictReader(fh)):
+            os.kill(os.getpid(), int(os.environ["CTH_TEST_SIGNAL"]))
     return real(self, *a, **k)
-Harmonizer.harmonize = slow
+Harmonizer.harmonize = signal_once_a_series_is_done
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 def interrupted_run(root: Path, out: Path, model: Path, sig: int) -> int:
-    """Run the cohort command in a child process; send ``sig`` once the first series is done."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    """Run the cohort command in a child process that gets ``sig`` once a series is done. The child sends it
+    to itself as the next series starts: a parent polling the manifest could miss that moment on a loaded
+    machine (the run then finished first, as it once did in CI)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1]),
+           "CTH_TEST_SIGNAL": str(int(sig))}
     args = ["cohort", str(root), "--target", "B30f", "--output", str(out), "--model", str(model),
             "--device", "cpu"]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNALLED_RUN, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            manifest = out / "manifest.csv"
-            if manifest.exists() and any(r["status"] == "done" for r in rows(manifest)):
-                break
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        return proc.wait(60)
+        return proc.wait(180)
     finally:
         if proc.poll() is None:
             proc.kill()
