@@ -213,8 +213,10 @@ def test_one_worker_per_gpu_each_sees_its_own(monkeypatch):
 
 
 _SIGNALLED_RUN = """
-import csv, os, sys
+import csv, os, signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a shell's background job has
+# SIGINT ignored from its start, and Python then keeps ignoring it
 from TextureStarGANCore import cli
 from TextureStarGANCore.inference import Harmonizer
 real = Harmonizer.harmonize
@@ -232,7 +234,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def interrupted_run(root: Path, out: Path, model: Path, sig: int) -> int:
     """Run the cohort command in a child process that gets ``sig`` once a series is done. The child sends it
     to itself as the next series starts: a parent polling the manifest could miss that moment on a loaded
-    machine (the run then finished first, as it once did in CI)."""
+    machine (the run then finished first)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1]),
            "CTH_TEST_SIGNAL": str(int(sig))}
     args = ["cohort", str(root), "--target", "B30f", "--output", str(out), "--model", str(model),
