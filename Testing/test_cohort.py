@@ -219,12 +219,14 @@ signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a 
 # SIGINT ignored from its start, and Python then keeps ignoring it
 from TextureStarGANCore import cli
 from TextureStarGANCore.inference import Harmonizer
-real = Harmonizer.harmonize
+real, sent = Harmonizer.harmonize, []
 manifest = Path(sys.argv[sys.argv.index("--output") + 1]) / "manifest.csv"
 def signal_once_a_series_is_done(self, *a, **k):
-    with open(manifest, newline="") as fh:  # the stop comes as a later series starts
-        if any(r["status"] == "done" for r in csv.DictReader(fh)):
-            os.kill(os.getpid(), int(os.environ["CTH_TEST_SIGNAL"]))
+    if not sent:  # one signal, as a user's single Ctrl-C (a second one means "stop now")
+        with open(manifest, newline="") as fh:  # the stop comes as a later series starts
+            if any(r["status"] == "done" for r in csv.DictReader(fh)):
+                sent.append(1)
+                os.kill(os.getpid(), int(os.environ["CTH_TEST_SIGNAL"]))
     return real(self, *a, **k)
 Harmonizer.harmonize = signal_once_a_series_is_done
 sys.exit(cli.main(sys.argv[1:]))
@@ -233,8 +235,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def interrupted_run(root: Path, out: Path, model: Path, sig: int) -> int:
     """Run the cohort command in a child process that gets ``sig`` once a series is done. The child sends it
-    to itself as the next series starts: a parent polling the manifest could miss that moment on a loaded
-    machine (the run then finished first)."""
+    to itself as the next series starts, so the moment does not depend on a parent's polling."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1]),
            "CTH_TEST_SIGNAL": str(int(sig))}
     args = ["cohort", str(root), "--target", "B30f", "--output", str(out), "--model", str(model),
