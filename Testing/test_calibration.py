@@ -141,3 +141,16 @@ def test_wrong_models_and_outputs_are_refused(head_pair, tmp_path, capsys):
     assert "needs a kernel-transfer model" in capsys.readouterr().err
     assert _run((head_pair[0], head_pair[0]), base, tmp_path / "y.safetensors") == 2  # one series twice
     assert "nothing to convert" in capsys.readouterr().err
+
+
+def test_a_new_kernel_of_a_known_vendor_starts_from_its_family_not_the_estimate():
+    from Training.trainer.kernel_calibration import domain_for_series
+
+    def estimate() -> str:
+        raise AssertionError("the estimator is for vendors without a kernel family")
+
+    tags = {"Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Force", "ConvolutionKernel": "Br64d"}
+    sd = domain_for_series(DEFAULT_SIMULATED_DOMAINS, tags, None, estimate, None)
+    assert sd.new and sd.like == "B30f" and sd.domain.kernel == "Br64d"  # the only Siemens domain
+    canon = {"Manufacturer": "CANON_MEC", "ConvolutionKernel": "FC13"}
+    assert domain_for_series(DEFAULT_SIMULATED_DOMAINS, canon, None, lambda: "BONE", None).like == "BONE"

@@ -311,3 +311,21 @@ def test_two_worker_processes_give_the_one_worker_result(tree, model, tmp_path):
         if r["status"] == "done":
             a, b = read_volume(one / r["output_path"]), read_volume(two / r["output_path"])
             assert (a.hu == b.hu).all(), r["path"]
+
+
+def test_a_series_of_an_unknown_kernel_takes_its_family_after_the_users_source():
+    from types import SimpleNamespace
+
+    from TextureStarGANCore.cohort import _source
+    from TextureStarGANCore.domains import DEFAULT_SIMULATED_DOMAINS
+
+    doms = list(DEFAULT_SIMULATED_DOMAINS)  # B30f (Siemens), BONE and STANDARD (GE)
+    series = SimpleNamespace(manufacturer="GE MEDICAL SYSTEMS", scanner_model="Revolution", kernel="BONEPLUS",
+                             scanner="GE MEDICAL SYSTEMS Revolution")
+    domain, note = _source(series, doms, None)
+    assert domain.name == "BONE" and "kernel family of 'BONEPLUS'" in note
+    assert _source(series, doms, doms[2]) == (doms[2], "source kernel from --source")  # the user's word wins
+    canon = SimpleNamespace(manufacturer="CANON_MEC", scanner_model="Aquilion", kernel="FC13",
+                            scanner="CANON_MEC Aquilion")
+    domain, why = _source(canon, doms, None)
+    assert domain is None and "--source" in why

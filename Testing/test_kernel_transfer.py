@@ -324,10 +324,15 @@ def test_the_source_is_chosen_from_user_tags_or_estimate_and_recorded(harmonizer
     tagged = harmonizer.harmonize(vol, SPACING, "B30f", tags=GE_STANDARD_TAGS)
     assert harmonizer.last_run["source"] == "STANDARD" and harmonizer.last_run["source_from"] == "tags"
     assert not np.array_equal(user, tagged)  # the source changes the output
-    # No tags, or tags naming a kernel the model does not know: estimated from the image.
+    # A kernel the model does not know, of a vendor it has domains of: the nearest of the kernel's family.
+    harmonizer.harmonize(vol, SPACING, "STANDARD",
+                         tags={"Manufacturer": "SIEMENS", "ConvolutionKernel": "B70f"})
+    assert harmonizer.last_run["source"] == "B30f"
+    assert harmonizer.last_run["source_from"] == "kernel family of B70f (tags)"
+    # No tags, or tags naming a kernel of no known family: estimated from the image.
     expected, probs = harmonizer.estimate_source(vol, SPACING)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3) and set(probs) == {d.name for d in DOMAINS}
-    for tags in (None, {"Manufacturer": "SIEMENS", "ConvolutionKernel": "B70f"}):
+    for tags in (None, {"Manufacturer": "TOSHIBA", "ConvolutionKernel": "FC13"}):
         estimated = harmonizer.harmonize(vol, SPACING, "B30f", tags=tags)
         run = harmonizer.last_run
         assert run["source"] == expected.name and run["source_probabilities"] == probs

@@ -112,8 +112,42 @@ def test_verdict_needs_both_rmse_and_a_measurable_nps():
     v = verdict(methods)
     assert v["best_baseline"] == "linear filter"
     assert v["model a"]["beats_best_baseline"] is True
-    assert v["model b"] == {"beats_rmse": True, "beats_nps": False, "beats_best_baseline": False}
+    assert v["model b"] == {"beats_rmse": True, "beats_nps": False, "beats_best_baseline": False,
+                            "calibrate_kernels": False}
     assert v["model c"]["beats_best_baseline"] is False
     methods = {k: {**x, "nps_distance": None} for k, x in methods.items()}
     v = verdict(methods)
-    assert v["model a"] == {"beats_rmse": True, "beats_nps": None, "beats_best_baseline": False}
+    assert v["model a"] == {"beats_rmse": True, "beats_nps": None, "beats_best_baseline": False,
+                            "calibrate_kernels": False}
+
+
+def test_verdict_says_calibrate_when_a_model_loses_with_its_transfer_off():
+    from Training.evaluation.validate_real import verdict
+
+    def m(kind, rmse, err=None):
+        return {"kind": kind, "rmse_hu": rmse, "nps_distance": None, "transfer_low_error": err}
+
+    v = verdict({"gaussian blur": m("baseline", 8.0), "off": m("model", 13.0, -0.07),
+                 "close": m("model", 13.0, 0.01), "wins": m("model", 7.0, -0.07),
+                 "nan": m("model", 13.0, float("nan"))})
+    assert v["off"]["calibrate_kernels"] is True
+    assert not v["close"]["calibrate_kernels"] and not v["wins"]["calibrate_kernels"]
+    assert not v["nan"]["calibrate_kernels"]
+
+
+def test_effective_transfer_measures_a_known_blur_and_its_low_band_error():
+    from Training.evaluation.metrics.transfer import FREQS_PER_MM, effective_gains, low_band_error
+
+    rng = np.random.default_rng(3)
+    pixel, sigma_mm = 0.5, 0.8
+    src = ndimage.gaussian_filter(rng.normal(0, 100, (6, 128, 128)), (0, 1, 1))
+    out = ndimage.gaussian_filter(src, (0, sigma_mm / pixel, sigma_mm / pixel), mode="wrap")
+    gains = effective_gains(src, out, (pixel, pixel))
+    expected = {f"{f:g}": float(np.exp(-2 * (np.pi * sigma_mm * f) ** 2)) for f in FREQS_PER_MM}
+    for k, g in expected.items():
+        assert abs(gains[k] - g) < 0.02, (k, gains[k], g)
+    assert effective_gains(src, src, (pixel, pixel)) == {k: 1.0 for k in expected}
+    assert low_band_error(gains, gains) == 0.0
+    less = {k: 0.9 * g for k, g in gains.items()}
+    assert low_band_error(less, gains) == pytest.approx(-0.1, abs=1e-3)
+    assert np.isnan(low_band_error(gains, {k: 0.0 for k in gains}))

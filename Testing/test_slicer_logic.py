@@ -424,6 +424,12 @@ def test_detected_kernel_line_for_the_gui(scene, model_path, ct_small_path, real
     node.SetAttribute("DICOM.instanceUIDs", " ".join(unknown.uids))
     assert "STD+" in logic.describeDetectedKernel(node, domains, unknown)
     assert "not one of the model's kernels" in logic.describeDetectedKernel(node, domains, unknown)
+    # A kernel-transfer model takes the nearest GE kernel of its own (GE STD+ -> STANDARD) and says so.
+    line = logic.describeDetectedKernel(node, domains, unknown, canEstimate=True)
+    assert "STD+" in line and "kernel family is STANDARD" in line
+    for method in (logic.METHOD_MODEL, logic.METHOD_FILTER):
+        found = logic._resolveSource(node, list(domains), None, unknown, method, family=True)
+        assert found[0].name == "STANDARD" and found[1] == logic.SOURCE_FAMILY
 
 
 def test_a_kernel_transfer_model_runs_with_a_chosen_or_estimated_source(scene, kt_model_path, ct_small_path):

@@ -148,9 +148,14 @@ def test_end_to_end_on_a_few_slices_of_the_chest_pair(chest, tmp_path, capsys):
     assert m["identity"]["lung_slices"] == 2
     assert up["methods"]["linear filter"]["nps_distance"] < up["methods"]["identity"]["nps_distance"]
     assert "best_baseline" in down["verdict"]
+    # Effective transfer: the input passes everything (far from B's), the filter fitted on this pair is close.
+    assert m["identity"]["transfer_gains"]["0.1"] == 1.0 and m["identity"]["transfer_low_error"] > 0.2
+    assert abs(m["linear filter"]["transfer_low_error"]) < 0.05
+    assert down["target"]["transfer_low_error"] == 0.0
+    assert "calibrate_kernels" in down["verdict"]["model stargan_v1"]
     report = (out / "report.md").read_text()
     assert report.count("beats the best baseline") == 2
-    assert "sigma_px=" in report and "max_gain=" in report
+    assert "sigma_px=" in report and "max_gain=" in report and report.count("Effective transfer:") == 2
     header = (out / "table.csv").read_text().splitlines()[0]
     assert header.startswith("pair,direction,source_kernel,target_kernel,method")
     for d in ("sharp_to_smooth", "smooth_to_sharp"):

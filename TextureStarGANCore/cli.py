@@ -180,7 +180,7 @@ def _source_domain(args: argparse.Namespace, volume: CTVolume,
     output; it is accepted with a note, since the model never saw that kernel. A kernel-transfer model needs
     the source: when neither --source nor the tags name one of its kernels it is estimated from the image."""
     from .domains import describe_domains, resolve_domain
-    from .inference import detect_source
+    from .inference import detect_family, detect_source
     from .model_file import KIND_KERNEL_TRANSFER
 
     domains = model.domains
@@ -195,6 +195,12 @@ def _source_domain(args: argparse.Namespace, volume: CTVolume,
     what = (f"the input's reconstruction kernel is {kernel}{f' ({scanner})' if scanner else ''}, which is "
             f"not one of this model's training kernels ({', '.join(d.kernel for d in domains)})")
     if model.kind == KIND_KERNEL_TRANSFER:
+        family = detect_family(volume, domains)
+        if family is not None:
+            print(f"note: {what}; the nearest of its vendor's kernel family, {family.name}, is used (name "
+                  "another with --source; a paired acquisition calibrates the real kernels: "
+                  "python -m Training.calibrate_kernels).", file=sys.stderr)
+            return None, family.name, SOURCE_ESTIMATE
         why = what if kernel else "no DICOM tags tell the input's kernel"
         print(f"note: {why}; the source kernel is estimated from the image (or name it with --source).",
               file=sys.stderr)
@@ -422,7 +428,8 @@ def _info(args: argparse.Namespace) -> int:
     if spec is None:  # kernel transfer: native pixel size, no canvas
         lo, hi = model.supported_pixel_mm or (0.0, 0.0)
         print("kind: kernel transfer (learned linear MTF transfer + residual network, at the input's own "
-              "pixel size; source kernel from --source, the DICOM tags, or estimated from the image)")
+              "pixel size; source kernel from --source, the DICOM tags, the nearest of the kernel's vendor "
+              "family (a Siemens, GE or Philips kernel it has no domain for), or estimated from the image)")
         print(f"architecture: width {cfg.width}, depth {cfg.depth}, max gain {cfg.max_gain:g}, "
               f"{cfg.num_knots} MTF knots every {cfg.knot_step_per_mm:g} cycles/mm")
         print(f"supported pixel size: {lo:g} to {hi:g} mm (other sizes are harmonized with a warning)")

@@ -44,6 +44,7 @@ from .domains import (
     resolve_domain,
 )
 from .fileio import TEMP_MARKER
+from .kernel_families import family_domain
 from .model_file import ModelFile, ModelFileError, load_model_file
 from .volume_io import InputError
 
@@ -143,12 +144,16 @@ def _output_paths(series: Sequence[CohortSeries]) -> dict[int, str]:
 
 def _source(series: CohortSeries, domains: Sequence[Domain],
             fallback: Domain | None) -> tuple[Domain | None, str]:
-    """The series' source domain from its tags (else ``fallback``, noted), or None and why not."""
+    """The series' source domain from its tags (else ``fallback``, else the nearest of the kernel's family,
+    noted), or None and why not."""
     found = detect_domain(domains, series.manufacturer, series.scanner_model, series.kernel)
     if found is not None:
         return found, ""
     if fallback is not None:
         return fallback, "source kernel from --source"
+    family = family_domain(domains, series.manufacturer, series.kernel)
+    if family is not None:
+        return family, f"source kernel {family.name}: the nearest of the kernel family of {series.kernel!r}"
     if series.kernel:
         return None, (f"source kernel {series.kernel!r} ({series.scanner}) is not one the model knows "
                       f"({describe_domains(domains)}); pass --source KERNEL to harmonize such series anyway")

@@ -92,7 +92,7 @@ def normalize_kernel(value: Any) -> str:
     return "\\".join(kernel_components(value))
 
 
-def _manufacturer_key(value: Any) -> str:
+def manufacturer_key(value: Any) -> str:
     # "GE MEDICAL SYSTEMS" vs "GE Healthcare", "SIEMENS" vs "Siemens Healthineers": the first word decides.
     text = _clean(str(value)) if value is not None else ""
     return text.split(" ")[0] if text else ""
@@ -150,13 +150,13 @@ def detect_domain(
     if not parts or not domains:
         return None
     full = "\\".join(parts)
-    manu = _manufacturer_key(manufacturer)
+    manu = manufacturer_key(manufacturer)
     candidates = []
     for d in domains:
         dk = normalize_kernel(d.kernel)
         if not dk or (dk != full and dk not in parts):
             continue
-        dm = _manufacturer_key(d.manufacturer)
+        dm = manufacturer_key(d.manufacturer)
         if manu and dm and manu != dm:
             continue
         candidates.append(d)

@@ -18,7 +18,8 @@ deterministic algorithms requested while running).
 
 Kernel-transfer models (``kernel_transfer.py``, model kind "kernel_transfer") run at the input's own pixel
 size: no canvas, no tiling, no target style. Their generator needs the source kernel, chosen in this order:
-the ``source`` argument, the DICOM ``tags`` (``detect_source``), else the ``SourceEstimator``'s mean domain
+the ``source`` argument, the DICOM ``tags`` (``detect_source``; for a kernel none of the domains has, the
+nearest domain of its vendor's kernel family, ``detect_family``), else the ``SourceEstimator``'s mean domain
 probabilities over up to ``SOURCE_ESTIMATE_SLICES`` evenly spaced slices (the most likely domain is used);
 ``last_run["source_from"]`` records which. A pixel size outside the card's ``supported_pixel_mm`` is
 harmonized with a ``PixelSizeWarning``. They run in float32 on every device: the network is small, and
@@ -42,11 +43,13 @@ import numpy as np
 import torch
 
 from .domains import Domain, UnknownDomainError, detect_domain, harmonization_record, resolve_domain
+from .kernel_families import family_domain
 from .model_file import KIND_KERNEL_TRANSFER, ModelFile, instantiate, load_model_file
 from .preprocessing import PreprocessSpec, body_center, from_canvas, to_canvas
 from .volume_io import CTVolume, cast_clipped, validate_ct_spacing, validate_ct_values
 
-__all__ = ["Harmonizer", "HarmonizationCancelled", "PixelSizeWarning", "detect_source", "pixel_size_note",
+__all__ = ["Harmonizer", "HarmonizationCancelled", "PixelSizeWarning", "detect_family", "detect_source",
+           "pixel_size_note",
            "resolve_device", "REFERENCE_SLICES", "SOURCE_ESTIMATE_SLICES", "run_generator_tiled",
            "tile_starts", "tile_window"]
 
@@ -119,6 +122,15 @@ def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) 
             return None  # harmonized to a domain of another model
     return detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"),
                          tags.get("ConvolutionKernel"))
+
+
+def detect_family(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) -> Domain | None:
+    """For a kernel none of ``domains`` is trained on: the domain of the same vendor nearest to it on the
+    vendor's sharpness scale (``kernel_families``), or None (another vendor, an unknown name, no tags)."""
+    tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
+    if harmonization_record(tags.get("DerivationDescription")) is not None:
+        return None  # a harmonized series: its kernel tag is not what it looks like
+    return family_domain(domains, tags.get("Manufacturer"), tags.get("ConvolutionKernel"))
 
 
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:
@@ -316,6 +328,9 @@ class Harmonizer:
 
     def detect_source(self, volume: CTVolume | dict[str, Any]) -> Domain | None:
         return detect_source(volume, self._file.domains)
+
+    def detect_family(self, volume: CTVolume | dict[str, Any]) -> Domain | None:
+        return detect_family(volume, self._file.domains)
 
     def _default_batch_size(self) -> int:
         if self._file.preprocessing is None:
@@ -545,6 +560,9 @@ class Harmonizer:
             found = detect_source(dict(tags), self._file.domains)
             if found is not None:
                 return found, "tags", None
+            found = detect_family(dict(tags), self._file.domains)
+            if found is not None:
+                return found, f"kernel family of {tags.get('ConvolutionKernel')} (tags)", None
         domain, probs = self._estimate(arr, spacing_xy)
         return domain, f"estimated from the image (p={probs[domain.name]:.2f})", probs
 

@@ -245,7 +245,7 @@ class HarmonizationJob:
     # None until the run for a kernel-transfer model that estimates the source from the image: the run then
     # fills in the domain it used and sourceFoundBy (e.g. 'estimated from the image (p=0.83)').
     source: Domain | None
-    sourceFoundBy: str  # 'chosen', 'DICOM' or 'estimated'
+    sourceFoundBy: str  # 'chosen', 'DICOM', 'DICOM kernel family' or 'estimated'
     inputNodeID: str
     inputName: str
     volume: np.ndarray  # (slices, rows, columns) copy of the input voxels

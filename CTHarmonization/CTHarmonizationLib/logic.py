@@ -44,6 +44,7 @@ from TextureStarGANCore.domains import (  # noqa: E402
     detect_domain,
     resolve_domain,
 )
+from TextureStarGANCore.kernel_families import family_domain  # noqa: E402
 
 if TYPE_CHECKING:
     from TextureStarGANCore.model_file import ModelFile
@@ -322,21 +323,27 @@ def describeDetectedKernel(node: Any, domains: list[Domain], dicomDatabase: Any 
     scanner = " ".join(filter(None, (tags.get("Manufacturer"), tags.get("ManufacturerModelName"))))
     domain = detect_domain(domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), kernel)
     if domain is None:
+        family = family_domain(domains, tags.get("Manufacturer"), kernel) if canEstimate else None
+        if family is not None:
+            return (f"DICOM: kernel {kernel} ({scanner}) is not one of the model's kernels; the nearest of "
+                    f"its kernel family is {family.name} (used unless you choose another source kernel).")
         return (f"DICOM: kernel {kernel} ({scanner}) is not one of the model's kernels: choose the closest "
                 "source kernel" + estimate + ".")
     return f"DICOM: kernel {kernel} ({scanner}) = model kernel {domain.name}"
 
 
 SOURCE_ESTIMATED = "estimated"
+SOURCE_FAMILY = "DICOM kernel family"  # the nearest domain of the kernel's vendor scale (kernel_families)
 
 
 def _resolveSource(
     node: Any, domains: list[Domain], sourceKernel: str | int | None, dicomDatabase: Any, method: str,
-    canEstimate: bool = False,
+    canEstimate: bool = False, family: bool = False,
 ) -> tuple[Domain | None, str]:
-    """The source domain and how it was found ('chosen' or 'DICOM'); with `canEstimate` (a kernel-transfer
-    model run as a network) None and 'estimated' when DICOM does not name one of the model's kernels: the
-    engine then estimates the source from the image."""
+    """The source domain and how it was found ('chosen' or 'DICOM'); with `family` (a kernel-transfer
+    model), for a kernel none of the domains has, the nearest of its vendor's kernel family (SOURCE_FAMILY);
+    with `canEstimate` (such a model run as a network) else None and 'estimated': the engine then
+    estimates the source from the image."""
     # The filter exists only per pair of the model's kernels: an unknown source cannot be filtered.
     why = (" The linear transfer filter needs it: its filters are fitted per pair of the model's kernels."
            if method == METHOD_FILTER else "")
@@ -365,6 +372,10 @@ def _resolveSource(
     domain = detect_domain(
         domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), tags["ConvolutionKernel"]
     )
+    if domain is None and family:  # the engine's order: tags, kernel family, image estimate
+        family = family_domain(domains, tags.get("Manufacturer"), tags["ConvolutionKernel"])
+        if family is not None:
+            return family, SOURCE_FAMILY
     if domain is None and canEstimate:
         return None, SOURCE_ESTIMATED
     if domain is None:
@@ -431,7 +442,8 @@ def prepareHarmonization(
     except UnknownDomainError as exc:
         raise HarmonizationInputError(f"Target kernel: {exc}") from None
     source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase, method,
-                                     canEstimate=kernelTransfer and method == METHOD_MODEL)
+                                     canEstimate=kernelTransfer and method == METHOD_MODEL,
+                                     family=kernelTransfer)
     if source is not None and source.id == target.id:
         raise HarmonizationInputError(
             f"The input already has the target kernel {target.name} ({foundBy.lower()} source kernel). "

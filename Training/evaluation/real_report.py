@@ -17,6 +17,7 @@ from TextureStarGANCore.fileio import (
     write_json_atomic,
     write_text_atomic,
 )
+from Training.evaluation.metrics.transfer import FREQS_PER_MM, LOW_BAND_PER_MM
 from Training.simulator.nps import plot_nps
 
 COLUMNS = ("rmse_hu", "lowpass_rmse_hu", "psnr_db", "ssim", "hp_noise_hu", "hp_gap_closed",
@@ -74,7 +75,34 @@ def _verdict_lines(res: dict[str, Any]) -> list[str]:
         lines.append(f"**{res['source_kernel']} -> {res['target_kernel']}, {name}: beats the best baseline "
                      f"({best}) on RMSE and NPS: {yes}** (RMSE {'better' if r['beats_rmse'] else 'worse'}, "
                      f"NPS distance {nps})")
+        if r.get("calibrate_kernels"):
+            err = res["methods"][name]["transfer_low_error"]
+            lines.append(f"- {name} passes {abs(err):.0%} too {'little' if err < 0 else 'much'} at "
+                         f"{LOW_BAND_PER_MM[0]:g}-{LOW_BAND_PER_MM[-1]:g} cycles/mm (table \"Effective "
+                         "transfer\"): this scanner's kernels are not the ones the model assumes. Calibrate "
+                         "them on this pair's fitting slices (`python -m Training.calibrate_kernels --pair "
+                         "SHARP_DIR SMOOTH_DIR --model MODEL --out CALIBRATED.safetensors`) and validate the "
+                         "calibrated model.")
     return lines
+
+
+def transfer_lines(res: dict[str, Any]) -> list[str]:
+    """The effective-transfer table of one direction (every method and the real target)."""
+    rows = [(name, m) for name, m in _rows(res) if m.get("transfer_gains")]
+    if not rows:
+        return []
+    keys = [f"{f:g}" for f in FREQS_PER_MM]
+    lines = ["Effective transfer: the least-squares radial response from the input to each output on the "
+             "evaluated slices, at each frequency (cycles/mm), and its largest relative error against the "
+             f"real target's over {LOW_BAND_PER_MM[0]:g}-{LOW_BAND_PER_MM[-1]:g} cycles/mm.", "",
+             "| method | " + " | ".join(f"{k} /mm" for k in keys) + " | low-band error |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for name, m in rows:
+        err = m.get("transfer_low_error")
+        err_text = f"{err:+.1%}" if err is not None and np.isfinite(err) else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{m['transfer_gains'][k]:.3f}" for k in keys)
+                     + f" | {err_text} |")
+    return lines + [""]
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
@@ -114,6 +142,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
             nps = (f"NPS from {res['nps_rois']} uniform soft-tissue ROIs" if res["nps_rois"] else
                    "NPS not measurable: no uniform soft-tissue ROI in the evaluated slices")
             lines += ["", f"{nps}; edges from {res['edge_points']} edge points.", ""]
+            lines += transfer_lines(res)
             for name, m in res["methods"].items():
                 if m["kind"] == "baseline" and m["params"].get("response"):
                     p = m["params"]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from TextureStarGANCore.domains import Domain, UnknownDomainError, detect_domain, resolve_domain
+from TextureStarGANCore.kernel_families import family_domain
 from TextureStarGANCore.kernel_transfer import HU_SCALE, KernelTransferGenerator, SourceEstimator
 from TextureStarGANCore.model_file import KIND_KERNEL_TRANSFER, ModelFile
 
@@ -66,7 +67,8 @@ def domain_for_series(domains: Sequence[Domain], tags: dict[str, Any], choice: s
                       estimate: Callable[[], str], like: str | None, pending: Sequence[Domain] = ()
                       ) -> SeriesDomain:
     """The domain of one series: the user's ``choice`` (a known domain), else the model's detection from
-    the tags, else a new domain named from the tags (``like`` or ``estimate()``: where its curves start)."""
+    the tags, else a new domain named from the tags (``like``, else the nearest of the kernel's family
+    (``kernel_families``), else ``estimate()``: where its curves start)."""
     known = [*domains, *pending]
     if choice is not None:
         return SeriesDomain(resolve_domain(known, choice), False, "named by the user")
@@ -78,7 +80,11 @@ def domain_for_series(domains: Sequence[Domain], tags: dict[str, Any], choice: s
         return SeriesDomain(found, False, "from the DICOM tags")
     if not kernel:
         raise CalibrationError("a series has no ConvolutionKernel tag: name its domain")
-    start = resolve_domain(domains, like).name if like is not None else estimate()
+    if like is not None:
+        start = resolve_domain(domains, like).name
+    else:  # the nearest of the kernel's vendor family; the image-based estimate for other vendors
+        family = family_domain(domains, manufacturer, kernel)
+        start = family.name if family is not None else estimate()
     name = _new_name(manufacturer, kernel, {d.name for d in known})
     display = f"{manufacturer or 'unknown'} {kernel} (calibrated on {model or 'an unnamed scanner'})"
     domain = Domain(len(known), name, display, manufacturer or "unknown", model or "unknown", kernel)
