@@ -124,15 +124,22 @@ def test_verdict_needs_both_rmse_and_a_measurable_nps():
 def test_verdict_says_calibrate_when_a_model_loses_with_its_transfer_off():
     from Training.evaluation.validate_real import verdict
 
-    def m(kind, rmse, err=None):
-        return {"kind": kind, "rmse_hu": rmse, "nps_distance": None, "transfer_low_error": err}
+    def m(kind, rmse, err=None, model_kind="kernel_transfer"):
+        return {"kind": kind, "rmse_hu": rmse, "nps_distance": None, "transfer_low_error": err,
+                "params": {"model_kind": model_kind}}
 
     v = verdict({"gaussian blur": m("baseline", 8.0), "off": m("model", 13.0, -0.07),
                  "close": m("model", 13.0, 0.01), "wins": m("model", 7.0, -0.07),
-                 "nan": m("model", 13.0, float("nan"))})
+                 "nan": m("model", 13.0, float("nan")), "stargan": m("model", 13.0, -0.07, "stargan_v2")})
     assert v["off"]["calibrate_kernels"] is True
     assert not v["close"]["calibrate_kernels"] and not v["wins"]["calibrate_kernels"]
     assert not v["nan"]["calibrate_kernels"]
+    assert not v["stargan"]["calibrate_kernels"]  # only a kernel-transfer model has kernels to calibrate
+    # With synthesized noise the RMSE is judged on the model's mean image (its --no-noise row).
+    noisy = {"gaussian blur": m("baseline", 8.0), "n": m("model", 13.0, 0.07),
+             "n --no-noise": m("model", 7.5), "q": m("model", 13.0, 0.07), "q --no-noise": m("model", 9.0)}
+    v = verdict(noisy)
+    assert not v["n"]["calibrate_kernels"] and v["q"]["calibrate_kernels"]
 
 
 def test_effective_transfer_measures_a_known_blur_and_its_low_band_error():

@@ -234,3 +234,24 @@ def test_no_clinical_skips_the_clinical_part(small_pair, tmp_path):
     assert all("clinical" not in res for res in pair["directions"].values())
     assert not list(out.rglob("*clinical*"))
     assert "Skipped (--no-clinical)." in (out / "report.md").read_text()
+
+
+def test_a_kernel_transfer_model_whose_curves_miss_is_told_to_calibrate(small_pair, tmp_path, capsys):
+    """A kernel-transfer model whose transfer is the identity (log MTFs 0) loses to the blur with its curve
+    far off the real B's at 0.1-0.3 cycles/mm: the report and the console say to calibrate it; model v1
+    (StarGAN, no kernel curves) is never told to."""
+    from model_factory import make_kernel_transfer_file
+
+    kt = make_kernel_transfer_file(tmp_path / "kt.safetensors", iterations=10)
+    out = tmp_path / "out"
+    assert _run(*small_pair, out, "--compare", str(kt), "--slices", "3:4", "--fit-slices", "0:3",
+                "--target-smooth", "B30f", "--target-sharp", "BONE", "--no-clinical") == 0
+    printed = capsys.readouterr().out
+    down = json.loads((out / "results.json").read_text())["pairs"][0]["directions"]["sharp->smooth"]
+    assert down["verdict"]["model kt"]["calibrate_kernels"] is True
+    assert down["methods"]["model kt"]["transfer_low_error"] > 0.5  # passes far too much
+    assert down["verdict"]["model stargan_v1"]["calibrate_kernels"] is False
+    line = next(x for x in printed.splitlines() if "L -> B: model kt beats" in x)
+    assert "calibrate its kernels" in line
+    assert not any("calibrate" in x for x in printed.splitlines() if "stargan_v1 beats" in x)
+    assert "Training.calibrate_kernels --pair" in (out / "report.md").read_text()

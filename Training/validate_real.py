@@ -80,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = res["verdict"]
             for name, r in v.items():
                 if name != "best_baseline":
+                    err = res["methods"][name].get("transfer_low_error")
+                    hint = (f"; its transfer is {err:+.0%} off the real one at 0.1-0.3 cycles/mm: calibrate "
+                            "its kernels (python -m Training.calibrate_kernels)"
+                            if r.get("calibrate_kernels") else "")
                     print(f"{pair['pair']} {res['source_kernel']} -> {res['target_kernel']}: {name} "
                           f"beats the best baseline ({v['best_baseline']}) on RMSE and NPS: "
-                          f"{'yes' if r['beats_best_baseline'] else 'no'}")
+                          f"{'yes' if r['beats_best_baseline'] else 'no'}{hint}")
             if "clinical_summary" in res:
                 _print_clinical(f"{pair['pair']} {res['source_kernel']} -> {res['target_kernel']}",
                                 res["clinical_summary"])
