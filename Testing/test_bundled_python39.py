@@ -27,7 +27,7 @@ MINIMUM = "3.9"
 # command-line tests without tqdm), figures (matplotlib), the trainer and evaluation.
 ENGINE_TESTS = ["test_domains.py", "test_preprocessing.py", "test_model_file.py", "test_inference.py",
                 "test_tiling.py", "test_volume_io.py", "test_networks.py", "test_texture.py",
-                "test_default_model.py", "test_kernel_transfer.py"]
+                "test_default_model.py", "test_kernel_transfer.py", "test_kernel_families.py"]
 
 
 def _vermin() -> list[str]:

@@ -314,6 +314,7 @@ def test_two_worker_processes_give_the_one_worker_result(tree, model, tmp_path):
 
 
 def test_a_series_of_an_unknown_kernel_takes_its_family_after_the_users_source():
+    """For a kernel-transfer model (``family=True``); the user's --source wins over the family."""
     from types import SimpleNamespace
 
     from TextureStarGANCore.cohort import _source
@@ -322,10 +323,11 @@ def test_a_series_of_an_unknown_kernel_takes_its_family_after_the_users_source()
     doms = list(DEFAULT_SIMULATED_DOMAINS)  # B30f (Siemens), BONE and STANDARD (GE)
     series = SimpleNamespace(manufacturer="GE MEDICAL SYSTEMS", scanner_model="Revolution", kernel="BONEPLUS",
                              scanner="GE MEDICAL SYSTEMS Revolution")
-    domain, note = _source(series, doms, None)
+    domain, note = _source(series, doms, None, family=True)
     assert domain.name == "BONE" and "kernel family of 'BONEPLUS'" in note
-    assert _source(series, doms, doms[2]) == (doms[2], "source kernel from --source")  # the user's word wins
+    assert _source(series, doms, doms[2], family=True) == (doms[2], "source kernel from --source")
+    assert _source(series, doms, None)[0] is None  # a StarGAN model: its output does not use the source
     canon = SimpleNamespace(manufacturer="CANON_MEC", scanner_model="Aquilion", kernel="FC13",
                             scanner="CANON_MEC Aquilion")
-    domain, why = _source(canon, doms, None)
+    domain, why = _source(canon, doms, None, family=True)
     assert domain is None and "--source" in why

@@ -17,6 +17,7 @@ DOMAINS = tuple(
         ("SIEMENS_B30f", _S, "B30f"), ("SIEMENS_B40f", _S, "B40f"), ("SIEMENS_B50f", _S, "B50f"),
         ("SIEMENS_B70f", _S, "B70f"), ("SIEMENS_I30f_3", _S, "I30f\\3"), ("GE_SOFT", _G, "SOFT"),
         ("GE_STANDARD", _G, "STANDARD"), ("GE_LUNG", _G, "LUNG"), ("GE_BONE", _G, "BONE"),
+        ("GE_HISPEED_STDPLUS", _G, "STD+"),
         ("PHILIPS_B", _P, "B"), ("PHILIPS_C", _P, "C"), ("PHILIPS_L", _P, "L"),
         ("PHILIPS_UB_IDOSE", _P, "UB"), ("PHILIPS_YA", _P, "YA"),
     ])
@@ -34,7 +35,8 @@ DOMAINS = tuple(
     ("GE Healthcare", "HD STANDARD", "GE_STANDARD"),
     ("GE MEDICAL SYSTEMS", "BONEPLUS", "GE_BONE"),
     ("GE MEDICAL SYSTEMS", ["EDGE", "AXIAL"], "GE_BONE"),
-    ("GE MEDICAL SYSTEMS", "DETAIL", "GE_STANDARD"),  # 3: one step from STANDARD and from LUNG, first wins
+    ("GE MEDICAL SYSTEMS", "DETAIL", "GE_HISPEED_STDPLUS"),  # 3: half a step from STD+ (2.5)
+    ("GE MEDICAL SYSTEMS", "STND", "GE_STANDARD"),
     ("Philips", "A", "PHILIPS_B"),
     ("Philips", "UC", "PHILIPS_C"),  # UC sits just above C
     ("Philips", "UB", "PHILIPS_UB_IDOSE"),  # exact, for a model that has it: the same place
@@ -56,6 +58,24 @@ def test_a_foreign_kernel_goes_to_the_nearest_domain_of_its_vendor(manufacturer,
 ])
 def test_no_family_when_the_vendor_or_the_name_has_no_scale(manufacturer, kernel):
     assert family_domain(DOMAINS, manufacturer, kernel) is None
+
+
+def test_the_list_above_is_the_bundled_models():
+    from TextureStarGANCore.model_file import load_model_file
+
+    bundled = load_model_file(None).domains
+    assert [(d.name, d.kernel) for d in bundled] == [(d.name, d.kernel) for d in DOMAINS]
+    assert [d.manufacturer.split()[0].upper() for d in bundled] == [
+        d.manufacturer.split()[0].upper() for d in DOMAINS]
+
+
+def test_two_domains_at_the_kernels_exact_place_leave_the_choice_to_the_user():
+    two = (Domain(0, "GE_STANDARD_A", "", _G, "LightSpeed 16", "STANDARD"),
+           Domain(1, "GE_STANDARD_B", "", _G, "HiSpeed", "STANDARD"),
+           Domain(2, "GE_BONE", "", _G, "", "BONE"))
+    assert family_domain(two, _G, "HD STANDARD") is None  # both at 2: ambiguous, as detect_domain says
+    assert family_domain(two, _G, "BONEPLUS").name == "GE_BONE"
+    assert family_domain(two, _G, "SOFT").name == "GE_STANDARD_A"  # one step from both: the first
 
 
 def test_a_vendor_the_model_has_no_domain_of_gets_none():

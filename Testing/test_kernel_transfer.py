@@ -529,3 +529,28 @@ def test_cli_method_filter_falls_back_to_the_models_linear_part(kt_file, ct_smal
     rc = run("harmonize", nifti(tmp_path / "in.nii.gz"), "--target", "B30f", "--method", "filter",
              "--model", kt_file, "--output", tmp_path / "g.nrrd")
     assert rc == cli.EXIT_BAD_INPUT and "--method filter needs" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("cli_deps")
+def test_cli_takes_the_kernel_family_of_an_unknown_kernel_for_both_methods(kt_file, ct_small_path, tmp_path,
+                                                                          capsys):
+    import pydicom
+
+    src = tmp_path / "in"  # CT_small as a 3-slice GE series with BONEPLUS, not a kernel of the model
+    src.mkdir()
+    uid = pydicom.uid.generate_uid()
+    for i in range(3):
+        ds = pydicom.dcmread(ct_small_path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = uid, pydicom.uid.generate_uid(), i + 1
+        ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [5.0 * i]
+        ds.Manufacturer, ds.ConvolutionKernel = "GE MEDICAL SYSTEMS", "BONEPLUS"
+        ds.save_as(src / f"s{i}.dcm", enforce_file_format=True)
+    assert run("harmonize", src, "--target", "B30f", "--output", tmp_path / "m.nrrd", "--model", kt_file) == 0
+    err = capsys.readouterr().err
+    assert "the nearest of its vendor's kernel family, BONE, is used" in err
+    assert "source kernel: BONE (kernel family of BONEPLUS (tags))" in err
+    assert run("harmonize", src, "--target", "B30f", "--output", tmp_path / "f.nrrd", "--model", kt_file,
+               "--method", "filter") == 0
+    assert "kernel family, BONE" in capsys.readouterr().err
+    assert run("harmonize", src, "--target", "BONE", "--output", tmp_path / "b.nrrd", "--model", kt_file) == 0
+    assert "the nearest of the input kernel's family is the target BONE" in capsys.readouterr().err

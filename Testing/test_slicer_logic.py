@@ -480,3 +480,18 @@ def test_a_kernel_transfer_model_refuses_a_reference_and_filters_with_its_linear
     summary = logic.modelCardSummary(logic.loadModel(kt_model_path))
     assert "kernel transfer" in summary and "supported pixel size 0.4-1 mm" in summary
     assert "canvas" not in summary and "every other pair: the model's own linear transfer" in summary
+
+
+def test_a_kernel_transfer_model_takes_the_kernel_family_and_says_when_it_is_the_target(
+        scene, kt_model_path, real_ct_dir):
+    db = FolderDicomDatabase(sorted(real_ct_dir.glob("*.dcm"))[:2])  # GE STD+: nearest of the model: STANDARD
+    node = add_volume(scene, body_phantom(slices=2, size=64), name="Head")
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(db.uids))
+    job = logic.prepareHarmonization(node, "B30f", None, kt_model_path, "cpu", dicomDatabase=db,
+                                     allowUntrained=True)
+    assert job.source.name == "STANDARD" and job.sourceFoundBy == logic.SOURCE_FAMILY
+    n = count_volumes(scene)
+    with pytest.raises(logic.HarmonizationInputError, match="nearest of its kernel family is the target"):
+        logic.prepareHarmonization(node, "STANDARD", None, kt_model_path, "cpu", dicomDatabase=db,
+                                   allowUntrained=True)
+    assert count_volumes(scene) == n

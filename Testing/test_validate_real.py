@@ -118,6 +118,9 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(small_pair, tmp_path, 
     assert _run(*small_pair, out, "--target-smooth", "B31", "--target-sharp", "BONE", "--slices", "2:3",
                 "--fit-slices", "0:2") == 2
     assert "B31" in capsys.readouterr().err
+    assert _run(*small_pair, out, "--target-smooth", "B30f", "--target-sharp", "B30f", "--slices", "2:3",
+                "--fit-slices", "0:2") == 2
+    assert "both series map to the model's domain B30f" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -151,7 +154,6 @@ def test_end_to_end_on_a_few_slices_of_the_chest_pair(chest, tmp_path, capsys):
     # Effective transfer: the input passes everything (far from B's), the filter fitted on this pair is close.
     assert m["identity"]["transfer_gains"]["0.1"] == 1.0 and m["identity"]["transfer_low_error"] > 0.2
     assert abs(m["linear filter"]["transfer_low_error"]) < 0.05
-    assert down["target"]["transfer_low_error"] == 0.0
     assert "calibrate_kernels" in down["verdict"]["model stargan_v1"]
     report = (out / "report.md").read_text()
     assert report.count("beats the best baseline") == 2

@@ -168,13 +168,15 @@ def _check_png_path(png: Path, overwrite: bool, output: Path, input_path: Path) 
 
 
 SOURCE_USER, SOURCE_TAGS, SOURCE_ESTIMATE, SOURCE_FOREIGN = "user", "tags", "estimate", "foreign"
+SOURCE_FAMILY = "family"
 ESTIMATED_LABEL = "source kernel estimated from the image"
 
 
 def _source_domain(args: argparse.Namespace, volume: CTVolume,
                    model: ModelFile) -> tuple[Domain | None, str, str]:
-    """The source domain (None for a kernel the model was not trained on, or one still to be estimated),
-    how to name the source, and where it came from (``SOURCE_*``).
+    """The source domain (None for a kernel the model was not trained on, or one still to be estimated; for
+    a kernel-transfer model, the nearest of the kernel's family when it has one), how to name the source,
+    and where it came from (``SOURCE_*``).
 
     A StarGAN v2 generator takes only the target style, so a foreign source kernel does not change the
     output; it is accepted with a note, since the model never saw that kernel. A kernel-transfer model needs
@@ -200,7 +202,7 @@ def _source_domain(args: argparse.Namespace, volume: CTVolume,
             print(f"note: {what}; the nearest of its vendor's kernel family, {family.name}, is used (name "
                   "another with --source; a paired acquisition calibrates the real kernels: "
                   "python -m Training.calibrate_kernels).", file=sys.stderr)
-            return None, family.name, SOURCE_ESTIMATE
+            return family, family.name, SOURCE_FAMILY
         why = what if kernel else "no DICOM tags tell the input's kernel"
         print(f"note: {why}; the source kernel is estimated from the image (or name it with --source).",
               file=sys.stderr)
@@ -346,8 +348,10 @@ def _harmonize(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         print("note: the volume's slices are not axial; it is harmonized as axial slices (the plane in "
               "which reconstruction kernels act) and written back in its own orientation.", file=sys.stderr)
     if plan.source is not None and plan.source.id == plan.target.id:
-        print(f"note: the input is already {plan.target.name}; harmonizing to the same kernel.",
-              file=sys.stderr)
+        what = (f"the nearest of the input kernel's family is the target {plan.target.name}: the output will "
+                "be close to the input" if plan.source_from == SOURCE_FAMILY else
+                f"the input is already {plan.target.name}; harmonizing to the same kernel")
+        print(f"note: {what}.", file=sys.stderr)
     try:
         harmonizer = (_filter_method(model, plan.source, plan.target) if args.method == "filter"
                       else Harmonizer(model, device=args.device, batch_size=args.batch_size))

@@ -45,7 +45,7 @@ from .domains import (
 )
 from .fileio import TEMP_MARKER
 from .kernel_families import family_domain
-from .model_file import ModelFile, ModelFileError, load_model_file
+from .model_file import KIND_KERNEL_TRANSFER, ModelFile, ModelFileError, load_model_file
 from .volume_io import InputError
 
 __all__ = ["CohortRun", "add_arguments", "main", "model_id", "parse_shard", "run_cohort", "run_command",
@@ -142,18 +142,19 @@ def _output_paths(series: Sequence[CohortSeries]) -> dict[int, str]:
     return out
 
 
-def _source(series: CohortSeries, domains: Sequence[Domain],
-            fallback: Domain | None) -> tuple[Domain | None, str]:
-    """The series' source domain from its tags (else ``fallback``, else the nearest of the kernel's family,
-    noted), or None and why not."""
+def _source(series: CohortSeries, domains: Sequence[Domain], fallback: Domain | None,
+            family: bool = False) -> tuple[Domain | None, str]:
+    """The series' source domain from its tags (else ``fallback``, else with ``family`` (kernel-transfer
+    models, whose output depends on the source) the nearest of the kernel's family, noted), or None and
+    why not."""
     found = detect_domain(domains, series.manufacturer, series.scanner_model, series.kernel)
     if found is not None:
         return found, ""
     if fallback is not None:
         return fallback, "source kernel from --source"
-    family = family_domain(domains, series.manufacturer, series.kernel)
-    if family is not None:
-        return family, f"source kernel {family.name}: the nearest of the kernel family of {series.kernel!r}"
+    nearest = family_domain(domains, series.manufacturer, series.kernel) if family else None
+    if nearest is not None:
+        return nearest, f"source kernel {nearest.name}: the nearest of the kernel family of {series.kernel!r}"
     if series.kernel:
         return None, (f"source kernel {series.kernel!r} ({series.scanner}) is not one the model knows "
                       f"({describe_domains(domains)}); pass --source KERNEL to harmonize such series anyway")
@@ -188,7 +189,7 @@ def _plan(found: Sequence[CohortSeries], out_root: Path, in_root: Path, model: M
         items.append(item)
         reason = s.skip_reason
         if not reason:
-            item.source, note = _source(s, model.domains, fallback)
+            item.source, note = _source(s, model.domains, fallback, model.kind == KIND_KERNEL_TRANSFER)
             if item.source is None:
                 reason = note
             elif note:

@@ -67,17 +67,20 @@ def kernel_position(manufacturer: Any, kernel: Any) -> Position | None:
 
 def family_domain(domains: Sequence[Domain], manufacturer: Any, kernel: Any) -> Domain | None:
     """The model domain of the same vendor nearest to ``kernel`` on the vendor's sharpness scale (ties: the
-    first), or None when the kernel or no domain of that vendor has a place on a scale."""
+    first), or None when the kernel or no domain of that vendor has a place on a scale, or when several
+    domains sit exactly at the kernel's place (``domains.detect_domain`` leaves that choice to the user)."""
     pos = kernel_position(manufacturer, kernel)
     if pos is None:
         return None
     vendor, place, iterative = pos
-    best: tuple[float, Domain] | None = None
+    scored = []
     for d in domains:
         dp = kernel_position(d.manufacturer, d.kernel)
-        if dp is None or dp[0] != vendor:
-            continue
-        cost = abs(dp[1] - place) + (ITERATIVE_MISMATCH if dp[2] != iterative else 0.0)
-        if best is None or cost < best[0]:
-            best = (cost, d)
-    return None if best is None else best[1]
+        if dp is not None and dp[0] == vendor:
+            scored.append((abs(dp[1] - place) + (ITERATIVE_MISMATCH if dp[2] != iterative else 0.0), d))
+    if not scored:
+        return None
+    cost = min(c for c, _ in scored)
+    if cost == 0 and sum(c == 0 for c, _ in scored) > 1:
+        return None  # the same place twice (one kernel on two scanner models): the user must choose
+    return next(d for c, d in scored if c == cost)

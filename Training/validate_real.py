@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, r in v.items():
                 if name != "best_baseline":
                     err = res["methods"][name].get("transfer_low_error")
-                    hint = (f"; its transfer is {err:+.0%} off the real one at 0.1-0.3 cycles/mm: calibrate "
+                    hint = (f"; its transfer is {err:+.1%} off the real one at 0.1-0.3 cycles/mm: calibrate "
                             "its kernels (python -m Training.calibrate_kernels)"
                             if r.get("calibrate_kernels") else "")
                     print(f"{pair['pair']} {res['source_kernel']} -> {res['target_kernel']}: {name} "

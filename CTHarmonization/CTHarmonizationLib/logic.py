@@ -344,7 +344,8 @@ def _resolveSource(
     model), for a kernel none of the domains has, the nearest of its vendor's kernel family (SOURCE_FAMILY);
     with `canEstimate` (such a model run as a network) else None and 'estimated': the engine then
     estimates the source from the image."""
-    # The filter exists only per pair of the model's kernels: an unknown source cannot be filtered.
+    # The filter exists only per pair of the model's kernels: an unknown source (no family) cannot be
+    # filtered.
     why = (" The linear transfer filter needs it: its filters are fitted per pair of the model's kernels."
            if method == METHOD_FILTER else "")
     if sourceKernel not in (None, ""):
@@ -373,9 +374,9 @@ def _resolveSource(
         domains, tags.get("Manufacturer"), tags.get("ManufacturerModelName"), tags["ConvolutionKernel"]
     )
     if domain is None and family:  # the engine's order: tags, kernel family, image estimate
-        family = family_domain(domains, tags.get("Manufacturer"), tags["ConvolutionKernel"])
-        if family is not None:
-            return family, SOURCE_FAMILY
+        nearest = family_domain(domains, tags.get("Manufacturer"), tags["ConvolutionKernel"])
+        if nearest is not None:
+            return nearest, SOURCE_FAMILY
     if domain is None and canEstimate:
         return None, SOURCE_ESTIMATED
     if domain is None:
@@ -444,6 +445,12 @@ def prepareHarmonization(
     source, foundBy = _resolveSource(inputNode, model.domains, sourceKernel, dicomDatabase, method,
                                      canEstimate=kernelTransfer and method == METHOD_MODEL,
                                      family=kernelTransfer)
+    if source is not None and source.id == target.id and foundBy == SOURCE_FAMILY:
+        raise HarmonizationInputError(
+            f"The input's kernel is not one of the model's; the nearest of its kernel family is the target "
+            f"kernel {target.name}, so the result would be almost unchanged. Choose the source kernel "
+            "yourself if it is not that close, or a different target kernel."
+        )
     if source is not None and source.id == target.id:
         raise HarmonizationInputError(
             f"The input already has the target kernel {target.name} ({foundBy.lower()} source kernel). "

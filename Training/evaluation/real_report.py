@@ -77,7 +77,7 @@ def _verdict_lines(res: dict[str, Any]) -> list[str]:
                      f"NPS distance {nps})")
         if r.get("calibrate_kernels"):
             err = res["methods"][name]["transfer_low_error"]
-            lines.append(f"- {name} passes {abs(err):.0%} too {'little' if err < 0 else 'much'} at "
+            lines.append(f"- {name} passes {abs(err):.1%} too {'little' if err < 0 else 'much'} at "
                          f"{LOW_BAND_PER_MM[0]:g}-{LOW_BAND_PER_MM[-1]:g} cycles/mm (table \"Effective "
                          "transfer\"): this scanner's kernels are not the ones the model assumes. Calibrate "
                          "them on this pair's fitting slices (`python -m Training.calibrate_kernels --pair "

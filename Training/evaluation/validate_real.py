@@ -147,21 +147,21 @@ def _model_label(harmonizer: Any, taken: Sequence[str]) -> str:
 def _run_model(pair: SeriesPair, run: tuple[str, Any, Any, bool], inputs: dict[str, np.ndarray],
                outputs: dict[str, dict[str, np.ndarray]], params: dict[str, dict[str, Any]],
                progress: Progress | None) -> None:
-    """Both directions of one model run (label, harmonizer, (smooth, sharp) target domains, noise)."""
+    """Both directions of one model run (label, harmonizer, (smooth, sharp) domains, noise): each series'
+    domain is the target of one direction and the source of the other."""
     label, h, (dom_smooth, dom_sharp), noise = run
-    for d, dom in (("sharp->smooth", dom_smooth), ("smooth->sharp", dom_sharp)):
-        series = pair.sharp if d == "sharp->smooth" else pair.smooth
-        source = h.detect_source(series) or h.detect_family(series)
+    for d, dom, src in (("sharp->smooth", dom_smooth, dom_sharp), ("smooth->sharp", dom_sharp, dom_smooth)):
+        source = src[0]
         bar = f"{pair.name}: {label}, {d}"
         outputs[d][label] = h.harmonize(
-            inputs[d], pair.sharp.spacing, target=dom[0].name, source=source.name if source else None,
+            inputs[d], pair.sharp.spacing, target=dom[0].name, source=source.name,
             progress=(lambda n, t, bar=bar: progress(bar, n, t)) if progress else None,
             **({} if noise else {"noise": False}),
         ).astype(np.float32)
         params[d][label] = {"kind": "model", "params": {
             "file": str(h.path), "model_kind": getattr(h, "kind", None), "target_domain": dom[0].name,
             "target_from": dom[1],
-            "source_domain": source.name if source else None,
+            "source_domain": source.name, "source_from": src[1],
             "noise": getattr(h, "last_run", {}).get("noise")}}
 
 
@@ -197,6 +197,12 @@ def validate_pair(
             _target_domain(h, pair.smooth, target_smooth, "--target-smooth"),
             _target_domain(h, pair.sharp, target_sharp, "--target-sharp"),
         )
+        (smooth_dom, how_smooth), (sharp_dom, how_sharp) = targets[list(targets)[-1]][1:]
+        if smooth_dom.name == sharp_dom.name:
+            raise ValidationError(
+                f"{pair.name}: both series map to the model's domain {smooth_dom.name} (smooth: "
+                f"{how_smooth}; sharp: {how_sharp}), so the model would not convert anything; name two "
+                "different domains with --target-smooth and --target-sharp")
     runs = [(label, h, doms, True) for label, (h, *doms) in targets.items()]
     # A model that synthesizes noise is also scored without it (``--no-noise``): the mean image.
     runs += [(f"{label} --no-noise", h, doms, False) for label, (h, *doms) in targets.items()
