@@ -107,13 +107,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def _tags(volume: CTVolume | Mapping[str, Any]) -> dict[str, Any]:
+    return volume.tags if isinstance(volume, CTVolume) else dict(volume)
+
+
 def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) -> Domain | None:
     """The model domain an input belongs to, from its DICOM tags (Manufacturer, ManufacturerModelName,
     ConvolutionKernel); None when the tags are missing or match no single domain.
 
     A series this tool harmonized keeps the scanner's ConvolutionKernel but its DerivationDescription
     records the target: its effective kernel is that target domain."""
-    tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
+    tags = _tags(volume)
     record = harmonization_record(tags.get("DerivationDescription"))
     if record is not None:
         try:
@@ -127,7 +131,7 @@ def detect_source(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) 
 def detect_family(volume: CTVolume | dict[str, Any], domains: Sequence[Domain]) -> Domain | None:
     """For a kernel none of ``domains`` is trained on: the domain of the same vendor nearest to it on the
     vendor's sharpness scale (``kernel_families``), or None (another vendor, an unknown name, no tags)."""
-    tags = volume.tags if isinstance(volume, CTVolume) else dict(volume)
+    tags = _tags(volume)
     if harmonization_record(tags.get("DerivationDescription")) is not None:
         return None  # a harmonized series: its kernel tag is not what it looks like
     return family_domain(domains, tags.get("Manufacturer"), tags.get("ConvolutionKernel"))
@@ -557,10 +561,10 @@ class Harmonizer:
         if source is not None:
             return source, "user", None
         if tags:
-            found = detect_source(dict(tags), self._file.domains)
+            found = detect_source(tags, self._file.domains)
             if found is not None:
                 return found, "tags", None
-            found = detect_family(dict(tags), self._file.domains)
+            found = detect_family(tags, self._file.domains)
             if found is not None:
                 return found, f"kernel family of {tags.get('ConvolutionKernel')} (tags)", None
         domain, probs = self._estimate(arr, spacing_xy)

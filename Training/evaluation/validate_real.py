@@ -192,17 +192,14 @@ def validate_pair(
     k_sharp, k_smooth = pair.kernels
     targets = {}
     for h in harmonizers:
-        targets[_model_label(h, list(targets))] = (
-            h,
-            _target_domain(h, pair.smooth, target_smooth, "--target-smooth"),
-            _target_domain(h, pair.sharp, target_sharp, "--target-sharp"),
-        )
-        (smooth_dom, how_smooth), (sharp_dom, how_sharp) = targets[list(targets)[-1]][1:]
-        if smooth_dom.name == sharp_dom.name:
+        on_smooth = _target_domain(h, pair.smooth, target_smooth, "--target-smooth")
+        on_sharp = _target_domain(h, pair.sharp, target_sharp, "--target-sharp")
+        if on_smooth[0].name == on_sharp[0].name:
             raise ValidationError(
-                f"{pair.name}: both series map to the model's domain {smooth_dom.name} (smooth: "
-                f"{how_smooth}; sharp: {how_sharp}), so the model would not convert anything; name two "
+                f"{pair.name}: both series map to the model's domain {on_smooth[0].name} (smooth: "
+                f"{on_smooth[1]}; sharp: {on_sharp[1]}), so the model would not convert anything; name two "
                 "different domains with --target-smooth and --target-sharp")
+        targets[_model_label(h, list(targets))] = (h, on_smooth, on_sharp)
     runs = [(label, h, doms, True) for label, (h, *doms) in targets.items()]
     # A model that synthesizes noise is also scored without it (``--no-noise``): the mean image.
     runs += [(f"{label} --no-noise", h, doms, False) for label, (h, *doms) in targets.items()
